@@ -1,0 +1,325 @@
+"""Online runner: a real `vtensor serve` subprocess and a Poisson-arrival streaming client.
+
+Requests (or, for multi-turn, conversations) arrive as a Poisson process at `rate` per second
+(seeded exponential gaps). Each request is a streaming `POST /v1/completions` with the prompt
+as token ids, `ignore_eos` and `stream_options.include_usage`; the client measures
+
+    TTFT   send -> first chunk carrying text
+    TPOT   (end - first token) / (completion_tokens - 1)
+    E2E    send -> [DONE]
+
+and goodput = requests meeting both SLOs (TTFT <= slo_ttft_ms, TPOT <= slo_tpot_ms) per
+second of the run. A multi-turn conversation sends its turns one after another, each carrying
+the whole history: earlier user messages and the server's replies (re-tokenized, as a client
+sending text would have them re-tokenized by the server) plus the new user message.
+
+Only httpx is needed on the client side (the H200 image has no `openai` package).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from vtensor.bench.memory import MemorySampler
+from vtensor.bench.workloads import Workload
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """`vtensor serve` on a free port of 127.0.0.1; `with ServerProcess([...]) as srv:`."""
+
+    def __init__(self, serve_args: Sequence[str], *, startup_timeout: float = 300.0,
+                 log_path: str | None = None):  # fmt: skip
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.serve_args = list(serve_args)
+        self.startup_timeout = startup_timeout
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> ServerProcess:
+        cmd = [sys.executable, "-m", "vtensor.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), *self.serve_args]  # fmt: skip
+        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode}: {self._tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"server not healthy after {self.startup_timeout:.0f} s: {self._tail()}")
+
+    def _tail(self) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return "(no log)"
+        with open(self.log_path, "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly on SIGINT
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log not in (None, subprocess.DEVNULL):
+            self._log.close()
+        self._log = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- metrics scraping (KV telemetry for the memory plot) -----------------------------------
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "{" in line:
+            continue
+        name, _, value = line.partition(" ")
+        try:
+            out[name.split(":", 1)[-1]] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def metrics_probe(base_url: str) -> Callable[[], dict]:
+    client = httpx.Client(timeout=2.0)
+
+    def probe() -> dict:
+        m = parse_prometheus(client.get(base_url + "/metrics").text)
+        return {
+            "kv_pages_in_use": m.get("kv_pages_in_use"),
+            "kv_pages_cached": m.get("kv_pages_cached"),
+        }
+
+    return probe
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    error: str | None = None
+    text: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        if self.ttft is None or self.e2e is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.completion_tokens - 1)
+
+
+async def stream_completion(
+    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
+) -> RequestRecord:
+    rec = RequestRecord(len(prompt))
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                for ch in chunk.get("choices") or []:
+                    if ch.get("text"):
+                        if rec.ttft is None:
+                            rec.ttft = time.perf_counter() - t0
+                        parts.append(ch["text"])
+                usage = chunk.get("usage")
+                if usage:
+                    rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    rec.cached_tokens = int(details.get("cached_tokens") or 0)
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        rec.error = f"{type(e).__name__}: {e}"
+        return rec
+    rec.e2e = time.perf_counter() - t0
+    rec.text = "".join(parts)
+    if rec.completion_tokens == 0:  # no usage chunk: count text chunks (a lower bound)
+        rec.completion_tokens = len(parts)
+    return rec
+
+
+def _percentiles(xs: list[float], scale: float = 1000.0) -> dict:
+    if not xs:
+        return {}
+    s = sorted(xs)
+
+    def pct(p: float) -> float:
+        k = (len(s) - 1) * p / 100
+        lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+        return (s[lo] + (s[hi] - s[lo]) * (k - lo)) * scale
+
+    return {
+        "mean": sum(s) / len(s) * scale,
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": s[-1] * scale,
+    }
+
+
+async def _run_client(
+    base_url: str,
+    model: str,
+    wl: Workload,
+    rate: float,
+    seed: int,
+    encode: Callable[[str], list[int]] | None,
+    deadline: float | None,
+) -> tuple[list[RequestRecord], float, bool]:
+    rng = random.Random(seed)
+    units = wl.conversations if wl.multi_turn else wl.requests
+    arrivals, t = [], 0.0
+    for _ in units:
+        arrivals.append(t)
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(None, connect=30.0)
+    cut = False
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            nonlocal cut
+            await asyncio.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+            u = units[i]
+            if not wl.multi_turn:
+                if deadline is not None and time.perf_counter() > deadline:
+                    cut = True
+                    return
+                records.append(await stream_completion(client, model, u.prompt_token_ids,
+                                                       u.max_tokens))  # fmt: skip
+                return
+            history: list[int] = []
+            for user, reply_len in zip(u.user_turns, u.reply_lens, strict=True):
+                if deadline is not None and time.perf_counter() > deadline:
+                    cut = True
+                    return
+                prompt = history + user
+                rec = await stream_completion(client, model, prompt, reply_len)
+                records.append(rec)
+                if rec.error:
+                    return
+                if encode is not None:
+                    reply = encode(rec.text)
+                else:  # no tokenizer here: keep the history's length right with filler ids
+                    reply = [user[j % len(user)] for j in range(rec.completion_tokens)]
+                history = prompt + reply
+
+        await asyncio.gather(*(one(i) for i in range(len(units))))
+        elapsed = time.perf_counter() - t0
+    return records, elapsed, not cut
+
+
+def run_online(
+    base_url: str,
+    model: str,
+    wl: Workload,
+    *,
+    rate: float,
+    seed: int = 0,
+    slo_ttft_ms: float = 2000.0,
+    slo_tpot_ms: float = 100.0,
+    encode: Callable[[str], list[int]] | None = None,
+    deadline: float | None = None,
+    sample_interval: float = 0.1,
+    rss_pid: int | None = None,
+) -> dict:
+    """Drive `wl` against a running server; returns the JSON-able result record."""
+    with MemorySampler(sample_interval, metrics_probe(base_url), rss_pid) as mem:
+        records, elapsed, complete = asyncio.run(
+            _run_client(base_url, model, wl, rate, seed, encode, deadline)
+        )
+    ok = [r for r in records if r.error is None and r.e2e is not None]
+    good = [
+        r
+        for r in ok
+        if r.ttft is not None
+        and r.ttft * 1000 <= slo_ttft_ms
+        and (r.tpot is None or r.tpot * 1000 <= slo_tpot_ms)
+    ]
+    out_tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "rate": rate,
+        "complete": complete,
+        "elapsed_s": elapsed,
+        "num_requests": len(records),
+        "num_ok": len(ok),
+        "num_failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_tokens": sum(r.cached_tokens for r in ok),
+        "output_tokens": out_tokens,
+        "output_tokens_per_s": out_tokens / elapsed if elapsed > 0 else None,
+        "requests_per_s": len(ok) / elapsed if elapsed > 0 else None,
+        "ttft_ms": _percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_ms": _percentiles([r.tpot for r in ok if r.tpot is not None]),
+        "e2e_ms": _percentiles([r.e2e for r in ok]),
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
+        "goodput_rps": len(good) / elapsed if elapsed > 0 else None,
+        "slo_attainment": len(good) / len(records) if records else None,
+        "memory": mem.summary(),
+        "memory_series": mem.to_json(),
+    }

@@ -1,0 +1,144 @@
+"""PNG plots of e2e results: one figure per (model, workload).
+
+Panels: memory over time (device memory per system, KV bytes mapped vs bytes live tokens need,
+the vLLM-style 90% preallocation line), offline throughput bars, and online latency bars
+(TTFT / TPOT / end-to-end, p50 and p99) when an online run exists. Inputs are the JSON records
+e2e.py writes, so plots can be redrawn from a results folder alone (`replot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the H200 and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+GIB = 1024**3
+COLORS = {"virtual": "tab:blue", "paged": "tab:orange", "hf": "tab:gray"}
+
+
+def _gib(vals: list) -> list:
+    return [None if v is None else v / GIB for v in vals]
+
+
+def _mem_axis(ax, runs: dict, title: str) -> None:
+    drawn = False
+    pool = None
+    for system, res in runs.items():
+        cols = res.get("memory_series") or {}
+        t = cols.get("t") or []
+        if not t:
+            continue
+        color = COLORS.get(system)
+        used = cols.get("device_used") or []
+        if any(v is not None for v in used):
+            ax.plot(t, _gib(used), label=f"{system}: GPU used", color=color)
+            drawn = True
+        else:  # CPU run: the process RSS stands in for device memory
+            ax.plot(t, _gib(cols.get("host_rss") or []), label=f"{system}: RSS", color=color)
+            drawn = True
+        # physical KV (for kv="paged" the whole preallocated pool), else mapped
+        for key, label in (("kv_physical_bytes", "KV physical"), ("kv_mapped_bytes", "KV mapped")):
+            kv = cols.get(key) or []
+            if any(v is not None for v in kv):
+                ax.plot(t, _gib(kv), "--", label=f"{system}: {label}", color=color, alpha=0.8)
+                break
+        live = cols.get("kv_live_bytes") or []
+        if any(v is not None for v in live):
+            ax.plot(t, _gib(live), ":", label=f"{system}: KV live tokens", color=color)
+        pool = pool or (res.get("memory") or {}).get("vllm_preallocated")
+    if pool:
+        ax.axhline(pool / GIB, color="red", lw=1, label="vLLM-style pool (90% of GPU)")
+    ax.set_title(title)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("GiB")
+    if drawn:
+        ax.legend(fontsize=6, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no memory samples", ha="center", transform=ax.transAxes)
+
+
+def _bars(ax, names: list[str], values: list, title: str, ylabel: str) -> None:
+    xs = range(len(names))
+    vals = [0.0 if v is None else v for v in values]
+    bars = ax.bar(xs, vals, color=[COLORS.get(n, "tab:green") for n in names])
+    for b, v in zip(bars, values, strict=True):
+        label = "n/a" if v is None else f"{v:.3g}"
+        ax.annotate(
+            label,
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(list(xs), names)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+
+
+def _latency_axis(ax, online: dict) -> None:
+    systems = list(online)
+    metrics = [("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("tpot_ms", "p99")]
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        res = online[system]
+        vals = [((res.get(m) or {}).get(p) or 0.0) for m, p in metrics]
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, vals, width, label=system, color=COLORS.get(system))
+    ax.set_xticks(
+        [j + width * (len(systems) - 1) / 2 for j in range(len(metrics))],
+        [f"{m.split('_')[0].upper()} {p}" for m, p in metrics],
+    )
+    ax.set_ylabel("ms (lower is better)")
+    ax.set_title("online latency")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+
+
+def plot_workload(model: str, workload: str, wres: dict, path: str | os.PathLike) -> str:
+    """One PNG for one workload's results (`wres` = results["workloads"][workload])."""
+    offline = {k: v for k, v in (wres.get("offline") or {}).items() if "error" not in v}
+    online = {k: v for k, v in (wres.get("online") or {}).items() if "error" not in v}
+    if online:  # 2 x 2: memory on the left, bars on the right
+        fig, grid = plt.subplots(2, 2, figsize=(12, 8))
+        axes = [grid[0][0], grid[0][1], grid[1][1], grid[1][0]]
+    else:
+        fig, grid = plt.subplots(1, 2, figsize=(12, 4))
+        axes = list(grid)
+    _mem_axis(axes[0], offline, f"{model} / {workload}: memory (offline)")
+    names = list(offline)
+    _bars(
+        axes[1],
+        names,
+        [offline[n].get("output_tokens_per_s") for n in names],
+        "offline throughput",
+        "output tokens/s (higher is better)",
+    )
+    if online:
+        _latency_axis(axes[2], online)
+        _mem_axis(axes[3], online, "memory (online)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_results(results: dict, out_dir: str | os.PathLike) -> list[str]:
+    """Every workload of one e2e results dict -> `<out_dir>/<model>_<workload>.png`."""
+    model = results.get("model_name") or results.get("model") or "model"
+    paths = []
+    for wname, wres in (results.get("workloads") or {}).items():
+        safe = f"{model}_{wname}".replace("/", "_").replace(" ", "_")
+        paths.append(plot_workload(model, wname, wres, Path(out_dir) / f"{safe}.png"))
+    return paths
+
+
+def replot(json_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[str]:
+    with open(json_path) as f:
+        results = json.load(f)
+    return plot_results(results, out_dir or Path(json_path).parent)

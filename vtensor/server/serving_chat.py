@@ -1,0 +1,177 @@
+"""`POST /v1/chat/completions`: chat template, then the same generation path as completions.
+
+Multi-turn KV reuse needs nothing special here: the template renders turn k+1's prompt as turn
+k's prompt + the assistant reply + the new message, so the engine's prefix cache / parked slot
+matches it and `usage.prompt_tokens_details.cached_tokens` reports what was not recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from vtensor.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatCompletionTokenLogprob,
+    ChatLogProbs,
+    ChatResponseMessage,
+    DeltaMessage,
+    TopLogprob,
+    random_id,
+)
+from vtensor.server.serving_engine import (
+    OpenAIError,
+    OpenAIServing,
+    SubRequest,
+    finish_reason,
+    make_usage,
+    sse,
+    stop_reason,
+)
+
+# Used only when the tokenizer carries no chat template (e.g. a base model): ChatML.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create_chat_completion(
+        self, req: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        self.check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise OpenAIError(
+                "`top_logprobs` requires `logprobs` to be true.", param="top_logprobs"
+            )
+        ids = self.render(req)
+        self.check_token_ids(ids, "messages")
+        asked = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = self.resolve_max_tokens(len(ids), asked, param)
+        self.check_capacity()
+        # The engine reports the chosen token's logprob plus `top_logprobs` alternatives.
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        subs = self.make_subrequests([ids], req, max_tokens=[max_tokens], logprobs=k)
+        if req.stream:
+            return self._stream(req, subs)
+        return await self._full(req, subs)
+
+    def render(self, req: ChatCompletionRequest) -> list[int]:
+        # "developer" is OpenAI's new name for "system"; templates know only the latter.
+        msgs = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        template = None if getattr(self.tokenizer, "chat_template", None) else CHATML
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msgs, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja raise_exception(), e.g. roles out of order
+            raise OpenAIError(f"Cannot apply the chat template: {e}", param="messages") from e
+        return self.encode(text)
+
+    def _logprobs(self, sub: SubRequest, start: int, end: int, k: int) -> ChatLogProbs:
+        content = []
+        for tid, lp, tops in self.token_logprobs(sub.last, start, end):
+            tok = self.decode_token(tid)
+            content.append(
+                ChatCompletionTokenLogprob(
+                    token=tok,
+                    logprob=lp,
+                    bytes=list(tok.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=(s := self.decode_token(t)), logprob=v, bytes=list(s.encode())
+                        )
+                        for t, v in tops[:k]
+                    ],
+                )
+            )
+        return ChatLogProbs(content=content)
+
+    async def _full(
+        self, req: ChatCompletionRequest, subs: list[SubRequest]
+    ) -> ChatCompletionResponse:
+        async with aclosing(self.generate(subs)) as it:
+            async for _ in it:
+                pass
+        choices = []
+        for s in subs:
+            out = s.last
+            lps = (
+                self._logprobs(s, 0, s.num_tokens, req.top_logprobs or 0) if req.logprobs else None
+            )
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=s.index,
+                    message=ChatResponseMessage(content=out.outputs[0].text),
+                    logprobs=lps,
+                    finish_reason=finish_reason(out),
+                    stop_reason=stop_reason(out),
+                )
+            )
+        return ChatCompletionResponse(
+            id=random_id("chatcmpl"),
+            model=self.served_model_name,
+            choices=choices,
+            usage=make_usage(subs, req.n),
+        )
+
+    async def _stream(
+        self, req: ChatCompletionRequest, subs: list[SubRequest]
+    ) -> AsyncIterator[str]:
+        rid = random_id("chatcmpl")
+        sent_text = [0] * len(subs)
+        sent_tok = [0] * len(subs)
+        try:
+            for s in subs:  # OpenAI opens every choice with an empty assistant delta
+                yield sse(self._chunk(rid, s.index, DeltaMessage(role="assistant", content="")))
+            async with aclosing(self.generate(subs)) as it:
+                async for s in it:
+                    out, i = s.last, s.index
+                    text = out.outputs[0].text
+                    delta = text[sent_text[i] :]
+                    fr = finish_reason(out)
+                    if not delta and fr is None:
+                        continue
+                    lps = None
+                    if req.logprobs:
+                        lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.top_logprobs or 0)
+                        sent_tok[i] = s.num_tokens
+                    sent_text[i] = len(text)
+                    sr = stop_reason(out) if fr else None
+                    yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(
+                    ChatCompletionStreamResponse(
+                        id=rid,
+                        model=self.served_model_name,
+                        choices=[],
+                        usage=make_usage(subs, req.n),
+                    )
+                )
+        except OpenAIError as e:
+            yield sse(e.to_response())
+        except Exception as e:  # headers are sent: report in-band, then close cleanly
+            yield sse(OpenAIError(f"{type(e).__name__}: {e}", type="internal_error").to_response())
+        yield sse("[DONE]")
+
+    def _chunk(self, rid, index, delta, lps=None, fr=None, sr=None) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=rid,
+            model=self.served_model_name,
+            choices=[
+                ChatCompletionResponseStreamChoice(
+                    index=index, delta=delta, logprobs=lps, finish_reason=fr, stop_reason=sr
+                )
+            ],
+        )

@@ -1,0 +1,157 @@
+"""`POST /v1/completions`: the logic; the router in api.py only parses and wraps."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from vtensor.server.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    random_id,
+)
+from vtensor.server.serving_engine import (
+    OpenAIError,
+    OpenAIServing,
+    SubRequest,
+    finish_reason,
+    make_usage,
+    sse,
+    stop_reason,
+)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(
+        self, req: CompletionRequest
+    ) -> CompletionResponse | AsyncIterator[str]:
+        """Validate everything before the first byte goes out: a bad request gets a JSON error
+        with its status, never a 200 stream that dies."""
+        self.check_model(req.model)
+        if req.suffix:
+            raise OpenAIError("`suffix` is not supported.", param="suffix")
+        if req.echo and req.logprobs is not None:
+            raise OpenAIError("`echo` together with `logprobs` is not supported.", param="echo")
+        prompts = self._prompts(req.prompt)
+        max_tokens = [
+            self.resolve_max_tokens(len(p), req.max_tokens, "max_tokens") for p in prompts
+        ]
+        self.check_capacity()
+        subs = self.make_subrequests(prompts, req, max_tokens=max_tokens, logprobs=req.logprobs)
+        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        if req.stream:
+            return self._stream(req, subs, echo)
+        return await self._full(req, subs, echo)
+
+    def _prompts(self, prompt: str | list) -> list[list[int]]:
+        if isinstance(prompt, str):
+            items: list = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            items = [prompt]
+        else:
+            items = list(prompt)
+        if not items:
+            raise OpenAIError("The prompt is empty.", param="prompt")
+        out = []
+        for item in items:
+            ids = self.encode(item) if isinstance(item, str) else list(item)
+            self.check_token_ids(ids, "prompt")
+            out.append(ids)
+        return out
+
+    def _logprobs(
+        self, sub: SubRequest, start: int, end: int, k: int, offset: int
+    ) -> CompletionLogProbs:
+        res = CompletionLogProbs()
+        for tid, lp, tops in self.token_logprobs(sub.last, start, end):
+            tok = self.decode_token(tid)
+            res.tokens.append(tok)
+            res.token_logprobs.append(lp)
+            res.top_logprobs.append({self.decode_token(t): v for t, v in tops[:k]} if k else None)
+            res.text_offset.append(offset)
+            offset += len(tok)
+        return res
+
+    async def _full(
+        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str]
+    ) -> CompletionResponse:
+        async with aclosing(self.generate(subs)) as it:
+            async for _ in it:
+                pass
+        choices = []
+        for s in subs:
+            out = s.last
+            pre = echo[s.index // req.n]
+            lps = None
+            if req.logprobs is not None:
+                lps = self._logprobs(s, 0, s.num_tokens, req.logprobs, len(pre))
+            choices.append(
+                CompletionResponseChoice(
+                    index=s.index,
+                    text=pre + out.outputs[0].text,
+                    logprobs=lps,
+                    finish_reason=finish_reason(out),
+                    stop_reason=stop_reason(out),
+                )
+            )
+        return CompletionResponse(
+            id=random_id("cmpl"),
+            model=self.served_model_name,
+            choices=choices,
+            usage=make_usage(subs, req.n),
+        )
+
+    async def _stream(
+        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str]
+    ) -> AsyncIterator[str]:
+        rid = random_id("cmpl")
+        sent_text = [0] * len(subs)  # characters already streamed, per choice
+        sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
+        offset = [len(echo[s.index // req.n]) for s in subs]
+        try:
+            for s in subs:  # echo goes first, in its own chunk per choice
+                if echo[s.index // req.n]:
+                    yield sse(self._chunk(rid, s.index, echo[s.index // req.n]))
+            async with aclosing(self.generate(subs)) as it:
+                async for s in it:
+                    out, i = s.last, s.index
+                    text = out.outputs[0].text
+                    delta = text[sent_text[i] :]
+                    fr = finish_reason(out)
+                    if not delta and fr is None:
+                        continue  # a token whose text is held back (partial stop / UTF-8)
+                    lps = None
+                    if req.logprobs is not None:
+                        lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.logprobs, offset[i])
+                        offset[i] += sum(len(t) for t in lps.tokens)
+                        sent_tok[i] = s.num_tokens
+                    sent_text[i] = len(text)
+                    yield sse(self._chunk(rid, i, delta, lps, fr, stop_reason(out) if fr else None))
+            if req.stream_options and req.stream_options.include_usage:
+                yield sse(
+                    CompletionStreamResponse(
+                        id=rid,
+                        model=self.served_model_name,
+                        choices=[],
+                        usage=make_usage(subs, req.n),
+                    )
+                )
+        except OpenAIError as e:
+            yield sse(e.to_response())
+        except Exception as e:  # the status line is gone; report in-band, then end the stream
+            yield sse(OpenAIError(f"{type(e).__name__}: {e}", type="internal_error").to_response())
+        yield sse("[DONE]")
+
+    def _chunk(self, rid, index, text, lps=None, fr=None, sr=None) -> CompletionStreamResponse:
+        return CompletionStreamResponse(
+            id=rid,
+            model=self.served_model_name,
+            choices=[
+                CompletionResponseChoice(
+                    index=index, text=text, logprobs=lps, finish_reason=fr, stop_reason=sr
+                )
+            ],
+        )
