@@ -40,7 +40,7 @@ def fake_stages(tmp_path, monkeypatch):
     stages = [
         A.Stage("good", "fakebench_mod", ["--mode", "ok"], cap_s=30),
         A.Stage("bad", "fakebench_mod", ["--mode", "fail"], cap_s=30),
-        A.Stage("slow", "fakebench_mod", ["--mode", "hang"], cap_s=30),
+        A.Stage("slow", "fakebench_mod", ["--mode", "hang"], cap_s=3),
         A.Stage("missing", "no_such_bench_module", cap_s=30),
     ]
     monkeypatch.setattr(A, "plan", lambda quick: stages)
@@ -49,8 +49,7 @@ def fake_stages(tmp_path, monkeypatch):
 
 def test_all_runs_stages_notes_failures_and_writes_summary(tmp_path, fake_stages, capsys):
     out = tmp_path / "res"
-    # budget 8 s over 4 stages of cap 30: the hanging stage gets ~2-4 s, then is killed
-    assert A.main(["--out", str(out), "--quick", "--budget", "80"]) == 0 or True
+    assert A.main(["--out", str(out), "--quick", "--budget", "80"]) == 0
     recs = {r["stage"]: r for r in json.loads((out / "stages.json").read_text())}
     assert recs["good"]["status"] == "ok"
     assert recs["bad"]["status"] == "failed" and "stage exploded" in recs["bad"]["note"]

@@ -8,12 +8,22 @@ backend and page contents must agree with it.
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vtensor.vmm import (
+pytest.importorskip("hypothesis")
+
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from vtensor.vmm import (  # noqa: E402
     AlreadyMapped,
     Mapper,
     NotMapped,

@@ -20,6 +20,7 @@ import datetime as _dt
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,52 +42,47 @@ class Stage:
     argv: list[str] = field(default_factory=list)
     cap_s: float = 120.0  # hard wall-clock cap for the subprocess
     kind: str = "other"  # "e2e" stages get --out/--time-cap from us; others are probed
+    out_dir: bool = False  # the stage's --out names a folder (its JSON + PNG go there)
+
+
+def _e2e(name: str, args: str, cap_s: float, online: str = "") -> Stage:
+    return Stage(name, "vtensor.bench.e2e", [*args.split(), "--online", online], cap_s, "e2e")
 
 
 def plan(quick: bool) -> list[Stage]:
-    """The stages of a run. E2E stages get time caps a bit under their subprocess caps."""
-    if quick:
-        return [
-            Stage("vmm", "vtensor.bench.vmm", cap_s=60),
-            Stage("kv", "vtensor.bench.kv", cap_s=60),
-            Stage("kernels", "vtensor.bench.kernels", cap_s=90),
-            Stage("throughput", "vtensor.bench.throughput", cap_s=90),
-            Stage("e2e-embedded", "vtensor.bench.e2e", ["--model", "embedded"], 240, "e2e"),
-        ]
-    return [
+    """The stages of a run; each e2e stage's own --time-cap is its cap minus 40 s."""
+    others = [
         Stage("vmm", "vtensor.bench.vmm", cap_s=60),
         Stage("kv", "vtensor.bench.kv", cap_s=60),
-        Stage("kernels", "vtensor.bench.kernels", cap_s=120),
-        Stage("throughput", "vtensor.bench.throughput", cap_s=150),
-        Stage("e2e-llama-3-8b", "vtensor.bench.e2e", ["--model", "llama-3-8b"], 440, "e2e"),
+        Stage("kernels", "vtensor.bench.kernels", cap_s=90 if quick else 120, out_dir=True),
         Stage(
-            "e2e-qwen2.5-7b",
-            "vtensor.bench.e2e",
-            [
-                "--model",
-                "qwen2.5-7b",
-                "--workloads",
-                "multi_turn,sharegpt,sharegpt:64",
-                "--online",
-                "",
-            ],  # fmt: skip
-            220,
-            "e2e",
+            "throughput",
+            "vtensor.bench.throughput",
+            [] if quick else ["--time-cap", "35"],
+            cap_s=150,
         ),
-        Stage(
+    ]
+    if quick:  # CPU: the real default model at smoke size, the tiny dummy at quick size
+        return others + [
+            _e2e(
+                "e2e-embedded",
+                "--model embedded --size smoke --hf-weights random --threads 1",
+                240,
+                "multi_turn",
+            ),  # fmt: skip
+            _e2e("e2e-tiny", "--model tiny --size quick --threads 1", 180, "multi_turn,sharegpt"),
+        ]
+    return others + [
+        _e2e("e2e-llama-3-8b", "--model llama-3-8b", 500, "multi_turn:32,sharegpt:128"),
+        _e2e(
+            "e2e-qwen2.5-7b", "--model qwen2.5-7b --workloads multi_turn,sharegpt,sharegpt:32", 200
+        ),  # fmt: skip
+        _e2e(
             "e2e-embedded",
-            "vtensor.bench.e2e",
-            [
-                "--model",
-                "embedded",
-                "--workloads",
-                "multi_turn:16,shared_prefix,sharegpt:64",
-                "--online",
-                "multi_turn:16",
-            ],  # fmt: skip
-            150,
-            "e2e",
-        ),
+            "--model embedded --workloads multi_turn:16,shared_prefix,sharegpt:32",
+            120,
+            "multi_turn:16",
+        ),  # fmt: skip
     ]
 
 
@@ -131,14 +127,18 @@ def stage_argv(stage: Stage, out: Path, quick: bool) -> list[str]:
         return argv + (["--quick"] if quick else [])
     text = _help_text(stage.module)
     argv = list(stage.argv)
-    json_path = str(out / f"{stage.name}.json")
-    if "--json" in text:
-        argv += ["--json", json_path]
-    elif "--out" in text:
-        argv += ["--out", json_path]
-    elif "--output" in text:
-        argv += ["--output", json_path]
-    if quick and "--quick" in text:
+    json_path = str(out / stage.name) if stage.out_dir else str(out / f"{stage.name}.json")
+
+    def has(flag: str) -> bool:
+        return re.search(re.escape(flag) + r"\b(?!-)", text) is not None
+
+    for flag in ("--json", "--out", "--output"):
+        if has(flag):
+            argv += [flag, json_path]
+            break
+    if has("--plot"):
+        argv += ["--plot", str(out / f"{stage.name}.png")]
+    if quick and has("--quick"):
         argv.append("--quick")
     return argv
 
@@ -211,7 +211,7 @@ def _flat_numbers(obj, prefix: str = "", out: dict | None = None, limit: int = 2
 
 
 def write_summary(out: Path, dirs: list[Path], stage_recs: list[dict], command: str) -> str:
-    from vtensor.bench.e2e import markdown_table, summary_rows
+    from vtensor.bench.report import markdown_table, summary_rows
 
     e2e = []
     for d in dirs:
@@ -270,6 +270,9 @@ def write_summary(out: Path, dirs: list[Path], stage_recs: list[dict], command: 
     for r in others:
         for d in dirs:
             jp = d / f"{r['stage']}.json"
+            if not jp.exists():  # a stage that writes into its own folder
+                found = sorted((d / r["stage"]).glob("*.json")) if (d / r["stage"]).is_dir() else []
+                jp = found[0] if found else jp
             if jp.exists():
                 try:
                     nums = _flat_numbers(json.loads(jp.read_text()))
@@ -277,6 +280,10 @@ def write_summary(out: Path, dirs: list[Path], stage_recs: list[dict], command: 
                     continue
                 lines += ["", f"### {r['stage']} ({jp.name}, first numbers)", ""]
                 lines += [f"- {k}: {v:.4g}" for k, v in nums.items()]
+                pngs = [d / f"{r['stage']}.png"] + sorted((d / r["stage"]).glob("*.png"))
+                for png in (p for p in pngs if p.exists()):
+                    rel = png.relative_to(d)
+                    lines.append(f"\n![{rel}]({rel})")
                 break
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
@@ -291,7 +298,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stages", default=None, help="comma list of stage names")
     p.add_argument("--part", default=None, help="K/N: run the K-th of N parts of the plan")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default: 20 min, quick 10 min)")  # fmt: skip
+                   help="seconds for the whole run (default: 21 min, quick 15 min)")  # fmt: skip
     p.add_argument("--summarize-only", action="store_true")
     p.add_argument("--merge", nargs="*", default=[], help="more result folders to summarize")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     recs_path = out / "stages.json"
     recs: list[dict] = json.loads(recs_path.read_text()) if recs_path.exists() else []
     if not args.summarize_only:
-        budget = args.budget or (600.0 if args.quick else 1200.0)
+        budget = args.budget or (900.0 if args.quick else 1260.0)
         t0 = time.time()
         total_cap = sum(s.cap_s for s in stages)
         for i, s in enumerate(stages):
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             rest = sum(x.cap_s for x in stages[i:])
             cap = min(s.cap_s, left * s.cap_s / rest) if rest else s.cap_s
             recs = [r for r in recs if r["stage"] != s.name]
-            if cap < 20:
+            if cap < min(5.0, s.cap_s):
                 recs.append({"stage": s.name, "status": "skipped", "elapsed_s": 0,
                              "note": "run's time budget spent"})  # fmt: skip
                 continue
@@ -327,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
             recs_path.write_text(json.dumps(recs, indent=1))
         print(f"[all] {len(stages)} stages in {time.time() - t0:.0f} s (caps {total_cap:.0f} s)")
     dirs = [out] + [Path(d) for d in args.merge]
-    for d in dirs[1:]:  # bring merged results (JSON, PNG, stage records) into `out`
+    for d in dirs[1:]:  # bring merged results (JSON, PNG, logs, stage folders) into `out`
         for f in d.glob("*"):
             if f.is_file() and f.suffix in (".json", ".png") and f.name != "stages.json":
                 shutil.copy2(f, out / f.name)
+            elif f.is_dir() and not f.name.startswith("_work"):
+                shutil.copytree(f, out / f.name, dirs_exist_ok=True)
         sp = d / "stages.json"
         if sp.exists():
             theirs = json.loads(sp.read_text())

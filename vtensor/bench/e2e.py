@@ -35,11 +35,20 @@ import torch
 
 from vtensor.bench import workloads as W
 from vtensor.bench.memory import MemorySampler
-from vtensor.bench.systems import EngineSystem, HFSystem, ModelSpec, resolve_model
+from vtensor.bench.report import compute_ratios, markdown_table, summary_rows
+from vtensor.bench.systems import (
+    EngineSystem,
+    HFSystem,
+    ModelSpec,
+    model_limit,
+    resolve_model,
+    servable,
+)
 
-FULL_WORKLOADS = "multi_turn,shared_prefix,long_context,sharegpt,multi_turn:16,sharegpt:64"
+# most telling first: a stage that hits its time cap loses the tail of this list
+FULL_WORKLOADS = "multi_turn,long_context,shared_prefix,sharegpt,multi_turn:8,sharegpt:32"
 QUICK_WORKLOADS = "multi_turn,shared_prefix,long_context,sharegpt"
-FULL_ONLINE = "multi_turn:32,sharegpt:256"
+FULL_ONLINE = "multi_turn:32,sharegpt:128"
 QUICK_ONLINE = "sharegpt"
 
 
@@ -63,8 +72,8 @@ def token_range_for(vocab_size: int | None) -> tuple[int, int]:
     """Ids clear of the special tokens at both ends of the vocabulary."""
     if not vocab_size:
         return W.DEFAULT_TOKEN_RANGE
-    lo = min(1000, vocab_size // 10)
-    return lo, max(lo + 1, min(W.DEFAULT_TOKEN_RANGE[1], vocab_size - 1000))
+    margin = min(1000, vocab_size // 10)
+    return margin, min(W.DEFAULT_TOKEN_RANGE[1], vocab_size - margin)
 
 
 # --- offline runner -------------------------------------------------------------------------
@@ -148,11 +157,12 @@ def _jsonable(d: dict) -> dict:
 
 def make_system(system: str, spec: ModelSpec, args, max_model_len: int):
     if system == "hf":
-        return HFSystem(spec, batch_size=args.hf_batch)
+        return HFSystem(spec, batch_size=args.hf_batch, weights=args.hf_weights)
     return EngineSystem(
         spec,
         system,
         max_model_len=max_model_len,
+        share=args.inprocess,
         kv_memory=args.kv_memory,
         max_num_seqs=args.max_num_seqs,
         device=args.device,
@@ -162,10 +172,26 @@ def make_system(system: str, spec: ModelSpec, args, max_model_len: int):
 def run_system(system: str, spec: ModelSpec, wls: list[W.Workload], args, deadline: float,
                out_path: str | None = None) -> dict:  # fmt: skip
     """Load `system` once, run each workload; write `out_path` after each one."""
-    res: dict = {"system": system, "workloads": {}, "notes": []}
-    max_len = max(w.max_context() for w in wls) + 8
+    res: dict = {"system": system, "workloads": {}, "notes": [], "hardware": hardware()}
+    limit = model_limit(spec)
+    if limit and spec.load_format != "dummy":  # real weights: the model's context is the limit
+        for w in wls:
+            if w.max_context() > limit:
+                res["notes"].append(f"{system}: skipped {w.name}: needs {w.max_context()} "
+                                    f"tokens of context, the model has {limit}")  # fmt: skip
+        wls = [w for w in wls if w.max_context() <= limit]
+        if not wls:
+            return res
+    max_len = max(w.max_context() for w in wls)
     log(f"{spec.name} / {system}: loading (max_model_len {max_len})")
-    sysobj = make_system(system, spec, args, max_len)
+    try:
+        sysobj = make_system(system, spec, args, max_len)
+    except Exception as e:  # e.g. a package missing on this machine: say so, run the rest
+        res["notes"].append(f"{system}: could not load {spec.name}: {type(e).__name__}: {e}")
+        log(res["notes"][-1])
+        if out_path:
+            _write_json(out_path, res)
+        return res
     res["load_s"] = sysobj.load_s
     res["ignored_engine_args"] = getattr(sysobj, "ignored_args", [])
     try:
@@ -219,21 +245,21 @@ def hf_fits(wl: W.Workload, args) -> bool:
     return n <= args.hf_max_requests and st["max_context"] <= args.hf_max_context
 
 
-def _worker_cmd(args, system: str, keys: list[str], out_path: str, deadline: float) -> list[str]:
+def _worker_cmd(args, system: str, keys: list[str], out_path: str, deadline: float,
+                trange: tuple[int, int]) -> list[str]:  # fmt: skip
     cmd = [sys.executable, "-m", "vtensor.bench.e2e", "--worker", system,
            "--worker-out", out_path, "--worker-deadline", f"{deadline:.1f}",
-           "--workloads", ",".join(keys)]  # fmt: skip
+           "--workloads", ",".join(keys), "--token-range", f"{trange[0]},{trange[1]}"]  # fmt: skip
     for flag in ("model", "load_format", "dtype", "device", "kv_memory", "max_num_seqs",
-                 "hf_batch", "seed", "sample_interval"):  # fmt: skip
+                 "hf_batch", "hf_weights", "seed", "sample_interval", "threads"):  # fmt: skip
         v = getattr(args, flag)
         if v is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(v)]
-    if args.quick:
-        cmd.append("--quick")
-    return cmd
+    return cmd + ["--size", args.size]
 
 
 def _run_offline_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
+    trange = tuple(results["token_range"])
     keys = [w.name for w in wls]
     if args.inprocess:
         try:
@@ -244,7 +270,7 @@ def _run_offline_phase(system, spec, wls, args, deadline, work_dir, results) -> 
         out_path = str(Path(work_dir) / f"{system}.json")
         if os.path.exists(out_path):
             os.remove(out_path)
-        cmd = _worker_cmd(args, system, keys, out_path, deadline)
+        cmd = _worker_cmd(args, system, keys, out_path, deadline, trange)
         timeout = max(10.0, deadline - time.time() + args.grace)
         note = None
         try:
@@ -281,20 +307,46 @@ def serve_args(spec: ModelSpec, system: str, max_model_len: int, args) -> list[s
 
 
 def _encoder(spec: ModelSpec):
-    """Tokenizer for re-tokenizing replies in online multi-turn; None if unavailable."""
+    """Tokenizer for re-tokenizing replies in online multi-turn; None if unavailable or if it
+    does not round-trip plain ids (then the client keeps the history's length with filler)."""
     try:
         from vtensor.model import load_tokenizer
 
         tok = load_tokenizer(spec.model)
+        n = len(tok)
+        ids = [n // 3, n // 2, n - 1]
+        # our word-level dummy tokenizers must round-trip; a real one need not (BPE re-merges)
+        if (
+            spec.load_format == "dummy"
+            and tok.encode(tok.decode(ids), add_special_tokens=False) != ids
+        ):
+            return None
         return lambda text: list(tok.encode(text, add_special_tokens=False))
     except Exception:
         return None
 
 
 def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
+    import importlib.util
+
     from vtensor.bench.online import ServerProcess, run_online
 
-    max_len = max(w.max_context() for w in wls) + 8
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        results["notes"].append(f"online {system}: not run, `vtensor serve` needs {missing}")
+        log(results["notes"][-1])
+        return
+
+    max_len = max(w.max_context() for w in wls)
+    spec = servable(spec, max_len)  # dummy presets: a folder with a tokenizer the server needs
+    limit = model_limit(spec)
+    if limit and max_len > limit:  # the server has no config overrides: drop what cannot fit
+        for w in [w for w in wls if w.max_context() > limit]:
+            results["notes"].append(f"online {system}: skipped {w.name} (context > {limit})")
+        wls = [w for w in wls if w.max_context() <= limit]
+        if not wls:
+            return
+        max_len = max(w.max_context() for w in wls)
     log_path = str(Path(work_dir) / f"serve_{system}.log")
     encode = _encoder(spec) if any(w.multi_turn for w in wls) else None
     try:
@@ -321,114 +373,6 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
         log(msg)
 
 
-def _ratio(a, b) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
-
-
-def compute_ratios(wres: dict) -> dict:
-    """'x better' for virtual against each baseline: >1 means virtual is better."""
-    out: dict = {}
-    off = {k: v for k, v in wres.get("offline", {}).items() if "error" not in v}
-    v = off.get("virtual")
-    if v:
-        for base in ("paged", "hf"):
-            b = off.get(base)
-            if not b:
-                continue
-            out[f"offline_throughput_vs_{base}"] = _ratio(v["output_tokens_per_s"],
-                                                          b["output_tokens_per_s"])  # fmt: skip
-            mv, mb = v.get("memory", {}), b.get("memory", {})
-            key = "device_used_peak" if mv.get("device_used_peak") else "host_rss_peak"
-            out[f"peak_memory_saving_vs_{base}"] = _ratio(mb.get(key), mv.get(key))
-        pool = v.get("memory", {}).get("vllm_preallocated")
-        peak = v.get("memory", {}).get("device_used_peak")
-        if pool and peak:
-            out["peak_memory_vs_vllm_pool"] = peak / pool
-    on = {k: r for k, r in wres.get("online", {}).items() if r.get("num_ok")}
-    if "virtual" in on and "paged" in on:
-        v, p = on["virtual"], on["paged"]
-        for m, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"),
-                     ("e2e_ms", "p50"), ("e2e_ms", "p99")):  # fmt: skip
-            out[f"online_{m[:-3]}_{q}_vs_paged"] = _ratio(p[m].get(q), v[m].get(q))
-        out["online_goodput_vs_paged"] = _ratio(v.get("goodput_rps"), p.get("goodput_rps"))
-    return out
-
-
-def summary_rows(results: dict) -> list[dict]:
-    """Rows for the Markdown summary: one per (workload, metric)."""
-    rows = []
-    hw = results.get("hardware", {}).get("device", "?")
-    model = results.get("model_name", "?")
-
-    def row(wl, metric, vals: dict, ratio_keys: tuple[str, str], fmt="{:.1f}"):
-        def f(x):
-            return "n/a" if x is None else fmt.format(x)
-
-        rows.append({
-            "hardware": hw, "model": model, "workload": wl, "metric": metric,
-            "virtual": f(vals.get("virtual")), "paged": f(vals.get("paged")),
-            "hf": f(vals.get("hf")),
-            "virtual_vs_paged": ratio_keys[0], "virtual_vs_hf": ratio_keys[1],
-        })  # fmt: skip
-
-    for key, w in results.get("workloads", {}).items():
-        rt = w.get("ratios", {})
-
-        def rs(k, rt=rt):
-            return "n/a" if rt.get(k) is None else f"{rt[k]:.2f}x"
-
-        off = {s: r for s, r in w.get("offline", {}).items() if "error" not in r}
-        if off:
-            row(
-                key,
-                "offline output tok/s (higher better)",
-                {s: r.get("output_tokens_per_s") for s, r in off.items()},
-                (rs("offline_throughput_vs_paged"), rs("offline_throughput_vs_hf")),
-            )
-            mkey = (
-                "device_used_peak"
-                if any((r.get("memory") or {}).get("device_used_peak") for r in off.values())
-                else "host_rss_peak"
-            )
-            row(
-                key,
-                f"peak memory GiB ({'GPU' if mkey == 'device_used_peak' else 'RSS'}, lower better)",
-                {
-                    s: ((r.get("memory") or {}).get(mkey) or 0) / 2**30 or None
-                    for s, r in off.items()
-                },
-                (rs("peak_memory_saving_vs_paged"), rs("peak_memory_saving_vs_hf")),
-                "{:.2f}",
-            )
-        on = {s: r for s, r in w.get("online", {}).items() if r.get("num_ok")}
-        if on:
-            for m, q, label in (
-                ("ttft_ms", "p50", "TTFT p50 ms"),
-                ("tpot_ms", "p50", "TPOT p50 ms"),
-                ("e2e_ms", "p99", "E2E p99 ms"),
-            ):
-                row(
-                    key,
-                    f"online {label} (lower better)",
-                    {s: r[m].get(q) for s, r in on.items()},
-                    (rs(f"online_{m[:-3]}_{q}_vs_paged"), "n/a"),
-                )
-            row(key, "online goodput req/s (higher better)",
-                {s: r.get("goodput_rps") for s, r in on.items()},
-                (rs("online_goodput_vs_paged"), "n/a"), "{:.2f}")  # fmt: skip
-    return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = ["hardware", "model", "workload", "metric", "virtual", "paged", "hf",
-            "virtual_vs_paged", "virtual_vs_hf"]  # fmt: skip
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="vtensor bench e2e",
@@ -447,16 +391,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help=f"workloads to run online ('' for none); default {FULL_ONLINE}",
     )
-    p.add_argument("--systems", default="virtual,paged,hf")
-    p.add_argument("--quick", action="store_true", help="toy sizes (CPU)")
+    p.add_argument("--systems", default="virtual,paged,hf", help="offline systems")
+    p.add_argument("--online-systems", default="virtual,paged")
+    p.add_argument("--quick", action="store_true", help="toy sizes (CPU): --size quick")
+    p.add_argument("--size", default=None, choices=sorted(W.SIZES),
+                   help="workload sizes (default full; --quick: quick)")  # fmt: skip
     p.add_argument("--out", default="bench/results/e2e")
     p.add_argument("--time-cap", type=float, default=600.0, help="seconds for this invocation")
     p.add_argument("--grace", type=float, default=60.0, help="worker hard-kill margin, s")
     p.add_argument("--inprocess", action="store_true", help="no worker subprocesses")
     p.add_argument("--kv-memory", default=None, help="KV budget passed to both KV modes")
     p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--hf-batch", type=int, default=16)
-    p.add_argument("--hf-max-requests", type=int, default=64)
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--hf-weights", default="real", choices=["real", "random"],
+                   help="HF baseline weights (random: same shapes, faster to load)")  # fmt: skip
+    p.add_argument("--hf-max-requests", type=int, default=32,
+                   help="HF runs workloads of <= this many requests/conversations")  # fmt: skip
     p.add_argument("--hf-max-context", type=int, default=4096)
     p.add_argument("--rate", type=float, default=None, help="online requests/s")
     p.add_argument("--rate-conv", type=float, default=None, help="online conversations/s")
@@ -465,11 +415,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-interval", type=float, default=None, help="memory sampling, s")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (here, workers and servers); 1 avoids OpenMP "
+                        "stalls on a loaded CPU")  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--token-range", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    q = a.quick
+    a.size = a.size or ("quick" if a.quick else "full")
+    q = a.quick = a.quick or a.size != "full"
     a.workloads = a.workloads or (QUICK_WORKLOADS if q else FULL_WORKLOADS)
     a.online = (QUICK_ONLINE if q else FULL_ONLINE) if a.online is None else a.online
     a.rate = a.rate or (4.0 if q else 16.0)
@@ -488,9 +443,29 @@ def _split(s: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.threads:
+        return _main(args, argv)
+    saved = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server subprocesses
+    try:
+        return _main(args, argv)
+    finally:  # in-process callers (tests) get their settings back
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[1]
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     spec = resolve_model(args.model, args.load_format, args.dtype)
-    size = "quick" if args.quick else "full"
-    trange = token_range_for(model_vocab_size(spec))
+    size = args.size
+    if args.token_range:  # a worker: the orchestrator's range, no second metadata read
+        lo, hi = (int(x) for x in args.token_range.split(","))
+        trange = (lo, hi)
+    else:
+        trange = token_range_for(model_vocab_size(spec))
     if args.worker:  # one system in this process, results to --worker-out
         wls = [build_workload(k, size, args.seed, trange) for k in _split(args.workloads)]
         run_system(args.worker, spec, wls, args, args.worker_deadline or float("inf"),
@@ -507,26 +482,26 @@ def main(argv: list[str] | None = None) -> int:
     wls = {k: build_workload(k, size, args.seed, trange) for k in dict.fromkeys(keys + online_keys)}
     results: dict = {
         "model": args.model, "model_name": spec.name, "load_format": spec.load_format,
-        "dtype": spec.dtype, "hardware": hardware(), "size": size, "seed": args.seed,
+        "dtype": spec.dtype, "hardware": {}, "size": size, "seed": args.seed,
         "token_range": list(trange), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "argv": list(argv or []), "notes": [],
         "workloads": {k: {"workload": {"description": w.description, "params": w.params,
                                        **w.stats()}, "offline": {}, "online": {}}
                       for k, w in wls.items()},
     }  # fmt: skip
+    json_path = out_dir / f"e2e_{spec.name}.json"
     systems = _split(args.systems)
-    online_systems = [s for s in systems if s != "hf"] if online_keys else []
+    online_systems = [s for s in _split(args.online_systems) if s != "hf"] if online_keys else []
     phases = [("offline", s) for s in systems] + [("online", s) for s in online_systems]
-    weight = {"offline": 1.0, "online": 1.0}
+    # time shares: the engine's offline runs carry every workload; HF only the small sets
+    weight = {("offline", "virtual"): 2.5, ("offline", "paged"): 2.5, ("offline", "hf"): 0.75}
     for i, (kind, system) in enumerate(phases):
         left = deadline - time.time()
         if left <= 0:
             results["notes"].append(f"{kind} {system}: not run (time cap)")
             continue
-        share = weight[kind] / sum(weight[k] for k, _ in phases[i:])
-        if system == "hf" and kind == "offline":
-            share *= 0.5  # HF runs only the small sets
-        phase_deadline = time.time() + left * share
+        w = [weight.get(p, 1.0) for p in phases[i:]]
+        phase_deadline = time.time() + left * w[0] / sum(w)
         if kind == "offline":
             sel = [wls[k] for k in keys if system != "hf" or hf_fits(wls[k], args)]
             if not sel:
@@ -536,11 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sel = [wls[k] for k in online_keys]
             _run_online_phase(system, spec, sel, args, phase_deadline, work_dir, results)
+        _write_json(json_path, results)  # what is done survives a kill of this stage
+    # only now: querying the device creates a CUDA context in this process, which would have
+    # sat in every memory reading of the phases above
+    results["hardware"] = hardware()
     for w in results["workloads"].values():
         w["ratios"] = compute_ratios(w)
     _check_same_outputs(results)
     results["elapsed_s"] = time.time() - t_start
-    json_path = out_dir / f"e2e_{spec.name}.json"
     _write_json(json_path, results)
     if not args.no_plots:
         from vtensor.bench.plots import plot_results
@@ -568,20 +546,12 @@ def _check_same_outputs(results: dict) -> None:
 
 def model_vocab_size(spec: ModelSpec) -> int | None:
     """Vocabulary size without loading weights, to keep prompt ids inside it."""
-    if spec.model is None:
-        return 49152  # SmolLM2
     try:
-        from vtensor.model import presets  # type: ignore[attr-defined]
+        from vtensor.bench.systems import hf_config_dict
 
-        table = getattr(presets, "PRESETS", None) or getattr(presets, "MODEL_PRESETS", {})
-        if spec.model in table:
-            return int(table[spec.model].get("vocab_size"))
-    except Exception:
-        pass
-    cfg = Path(spec.model) / "config.json"
-    if cfg.exists():
-        return int(json.loads(cfg.read_text()).get("vocab_size", 0)) or None
-    return None
+        return int(hf_config_dict(spec)["vocab_size"])
+    except Exception:  # unknown model: the default id range (inside every vocabulary we bench)
+        return None
 
 
 if __name__ == "__main__":

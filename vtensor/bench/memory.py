@@ -56,10 +56,48 @@ def _rss(pid: int | None = None) -> int | None:
         return None
 
 
-def device_total() -> int | None:
+class _Nvml:
+    """Device-wide memory through NVML when it is there: no CUDA context needed, so a process
+    that only watches (the online client) does not add a context's ~500 MB to what it sees."""
+
+    handle = None
+    tried = False
+
+    @classmethod
+    def used_total(cls) -> tuple[int, int] | None:
+        if not cls.tried:
+            cls.tried = True
+            try:
+                import pynvml  # nvidia-ml-py
+
+                pynvml.nvmlInit()
+                vis = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+                cls.handle = pynvml.nvmlDeviceGetHandleByIndex(int(vis) if vis.isdigit() else 0)
+            except Exception:  # not installed, no driver, or a sandbox without NVML
+                cls.handle = None
+        if cls.handle is None:
+            return None
+        import pynvml
+
+        info = pynvml.nvmlDeviceGetMemoryInfo(cls.handle)
+        return int(info.used), int(info.total)
+
+
+def device_used_total() -> tuple[int, int] | None:
+    """(bytes in use on the whole device, total), or None without a GPU. A process without a
+    CUDA context (the online client, the orchestrator) reads NVML and never creates one: a
+    context here would take ~500 MB from the server it measures."""
     if not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info()[1])
+    if not torch.cuda.is_initialized():
+        return _Nvml.used_total()
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free), int(total)
+
+
+def device_total() -> int | None:
+    got = device_used_total()
+    return None if got is None else got[1]
 
 
 def preallocated_pool_bytes(utilization: float = VLLM_GPU_MEMORY_UTILIZATION) -> int | None:
@@ -71,12 +109,9 @@ def preallocated_pool_bytes(utilization: float = VLLM_GPU_MEMORY_UTILIZATION) ->
 def read_sample(
     t: float, kv_probe: Callable[[], dict] | None = None, rss_pid: int | None = None
 ) -> MemSample:
-    cuda = torch.cuda.is_available()
-    if cuda:
-        free, total = torch.cuda.mem_get_info()
-        used, alloc = int(total - free), int(torch.cuda.memory_allocated())
-    else:
-        used = alloc = None
+    got = device_used_total()
+    used = None if got is None else got[0]
+    alloc = int(torch.cuda.memory_allocated()) if torch.cuda.is_initialized() else None
     s = MemSample(t, used, alloc, _rss(rss_pid))
     if kv_probe is not None:
         try:

@@ -268,7 +268,14 @@ async def _run_client(
                     reply = [user[j % len(user)] for j in range(rec.completion_tokens)]
                 history = prompt + reply
 
-        await asyncio.gather(*(one(i) for i in range(len(units))))
+        jobs = asyncio.gather(*(one(i) for i in range(len(units))))
+        if deadline is None:
+            await jobs
+        else:  # requests in flight at the deadline get 30 s more, then are cancelled
+            try:
+                await asyncio.wait_for(jobs, max(1.0, deadline + 30.0 - time.perf_counter()))
+            except TimeoutError:
+                cut = True
         elapsed = time.perf_counter() - t0
     return records, elapsed, not cut
 

@@ -26,6 +26,7 @@ def _gib(vals: list) -> list:
 
 
 def _mem_axis(ax, runs: dict, title: str) -> None:
+    """Whole-device (or process) memory over time per system, and the vLLM-style pool line."""
     drawn = False
     pool = None
     for system, res in runs.items():
@@ -33,23 +34,13 @@ def _mem_axis(ax, runs: dict, title: str) -> None:
         t = cols.get("t") or []
         if not t:
             continue
-        color = COLORS.get(system)
         used = cols.get("device_used") or []
         if any(v is not None for v in used):
-            ax.plot(t, _gib(used), label=f"{system}: GPU used", color=color)
-            drawn = True
+            ax.plot(t, _gib(used), label=f"{system}: GPU used", color=COLORS.get(system))
         else:  # CPU run: the process RSS stands in for device memory
-            ax.plot(t, _gib(cols.get("host_rss") or []), label=f"{system}: RSS", color=color)
-            drawn = True
-        # physical KV (for kv="paged" the whole preallocated pool), else mapped
-        for key, label in (("kv_physical_bytes", "KV physical"), ("kv_mapped_bytes", "KV mapped")):
-            kv = cols.get(key) or []
-            if any(v is not None for v in kv):
-                ax.plot(t, _gib(kv), "--", label=f"{system}: {label}", color=color, alpha=0.8)
-                break
-        live = cols.get("kv_live_bytes") or []
-        if any(v is not None for v in live):
-            ax.plot(t, _gib(live), ":", label=f"{system}: KV live tokens", color=color)
+            ax.plot(t, _gib(cols.get("host_rss") or []), label=f"{system}: RSS",
+                    color=COLORS.get(system))  # fmt: skip
+        drawn = True
         pool = pool or (res.get("memory") or {}).get("vllm_preallocated")
     if pool:
         ax.axhline(pool / GIB, color="red", lw=1, label="vLLM-style pool (90% of GPU)")
@@ -57,9 +48,47 @@ def _mem_axis(ax, runs: dict, title: str) -> None:
     ax.set_xlabel("time (s)")
     ax.set_ylabel("GiB")
     if drawn:
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no memory samples", ha="center", transform=ax.transAxes)
+
+
+def _kv_axis(ax, runs: dict, title: str) -> None:
+    """KV memory: physical (paged: the whole preallocated pool) or mapped, vs what the live
+    tokens need; pages in use where only page counts exist (server /metrics)."""
+    lines = []  # (t, values, style, label, color)
+    for system, res in runs.items():
+        cols = res.get("memory_series") or {}
+        t = cols.get("t") or []
+        for key, style, label in (("kv_physical_bytes", "-", "KV physical"),
+                                  ("kv_mapped_bytes", "--", "KV mapped"),
+                                  ("kv_live_bytes", ":", "KV live tokens")):  # fmt: skip
+            vals = cols.get(key) or []
+            if any(v is not None for v in vals):
+                lines.append((t, vals, style, f"{system}: {label}", COLORS.get(system)))
+    unit, scale = "GiB", GIB
+    if lines:
+        peak = max(v for _, vals, *_ in lines for v in vals if v is not None)
+        if peak < GIB:
+            unit, scale = "MiB", 2**20
+    else:  # page counts only
+        for system, res in runs.items():
+            cols = res.get("memory_series") or {}
+            pages = cols.get("kv_pages_in_use") or []
+            if any(v is not None for v in pages):
+                lines.append((cols["t"], pages, "-", f"{system}: KV pages in use",
+                              COLORS.get(system)))  # fmt: skip
+        unit, scale = "pages", 1
+    for t, vals, style, label, color in lines:
+        ax.plot(t, [None if v is None else v / scale for v in vals], style, label=label,
+                color=color)  # fmt: skip
+    ax.set_title(title)
+    ax.set_xlabel("time (s)")
+    if lines:
+        ax.set_ylabel(unit)
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no KV telemetry", ha="center", transform=ax.transAxes)
 
 
 def _bars(ax, names: list[str], values: list, title: str, ylabel: str) -> None:
@@ -67,7 +96,7 @@ def _bars(ax, names: list[str], values: list, title: str, ylabel: str) -> None:
     vals = [0.0 if v is None else v for v in values]
     bars = ax.bar(xs, vals, color=[COLORS.get(n, "tab:green") for n in names])
     for b, v in zip(bars, values, strict=True):
-        label = "n/a" if v is None else f"{v:.3g}"
+        label = "n/a" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.3g}")
         ax.annotate(
             label,
             (b.get_x() + b.get_width() / 2, b.get_height()),
@@ -103,24 +132,17 @@ def plot_workload(model: str, workload: str, wres: dict, path: str | os.PathLike
     """One PNG for one workload's results (`wres` = results["workloads"][workload])."""
     offline = {k: v for k, v in (wres.get("offline") or {}).items() if "error" not in v}
     online = {k: v for k, v in (wres.get("online") or {}).items() if "error" not in v}
-    if online:  # 2 x 2: memory on the left, bars on the right
-        fig, grid = plt.subplots(2, 2, figsize=(12, 8))
-        axes = [grid[0][0], grid[0][1], grid[1][1], grid[1][0]]
-    else:
-        fig, grid = plt.subplots(1, 2, figsize=(12, 4))
-        axes = list(grid)
-    _mem_axis(axes[0], offline, f"{model} / {workload}: memory (offline)")
+    rows = 2 if online else 1
+    fig, grid = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
+    _mem_axis(grid[0][0], offline, f"{model} / {workload}: memory (offline)")
+    _kv_axis(grid[0][1], offline, "KV cache (offline)")
     names = list(offline)
-    _bars(
-        axes[1],
-        names,
-        [offline[n].get("output_tokens_per_s") for n in names],
-        "offline throughput",
-        "output tokens/s (higher is better)",
-    )
+    _bars(grid[0][2], names, [offline[n].get("output_tokens_per_s") for n in names],
+          "offline throughput", "output tokens/s (higher is better)")  # fmt: skip
     if online:
-        _latency_axis(axes[2], online)
-        _mem_axis(axes[3], online, "memory (online)")
+        _mem_axis(grid[1][0], online, "memory (online, server process)")
+        _kv_axis(grid[1][1], online, "KV cache (online)")
+        _latency_axis(grid[1][2], online)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

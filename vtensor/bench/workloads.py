@@ -118,6 +118,12 @@ def sharegpt_reply_len(rng: random.Random, len_scale: float = 1.0) -> int:
     return lognormal_len(rng, 100 * len_scale, 0.9, lo, hi)
 
 
+def _rng(name: str, seed: int) -> random.Random:
+    # one stream per (workload, seed): workloads never share token sequences by accident
+    # (str seeds are hashed deterministically, unlike hash())
+    return random.Random(f"{name}:{seed}")
+
+
 def _tokens(rng: random.Random, n: int, token_range: tuple[int, int]) -> list[int]:
     lo, hi = token_range
     if not 0 <= lo < hi:
@@ -148,7 +154,7 @@ def multi_turn(
     _check(num_conversations=num_conversations, num_turns=num_turns, len_scale=len_scale)
     if max_context < 2 * num_turns:
         raise ValueError(f"max_context {max_context} too small for {num_turns} turns")
-    rng = random.Random(seed)
+    rng = _rng("multi_turn", seed)
     convs = []
     for c in range(num_conversations):
         users, replies, total = [], [], 0
@@ -186,7 +192,7 @@ def shared_prefix(
 ) -> Workload:
     """Requests i uses system prompt i % P (interleaved, so they share it while in flight)."""
     _check(num_requests=num_requests, num_prefixes=num_prefixes, len_scale=len_scale)
-    rng = random.Random(seed)
+    rng = _rng("shared_prefix", seed)
     lo, hi = _scaled(prefix_len[0], len_scale), _scaled(prefix_len[1], len_scale)
     prefixes = [_tokens(rng, rng.randint(lo, hi), token_range) for _ in range(num_prefixes)]
     reqs = []
@@ -220,7 +226,7 @@ def long_context(
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE,
 ) -> Workload:
     _check(num_requests=num_requests, len_scale=len_scale)
-    rng = random.Random(seed)
+    rng = _rng("long_context", seed)
     plo, phi = _scaled(prompt_len[0], len_scale), _scaled(prompt_len[1], len_scale)
     olo, ohi = _scaled(output_len[0], len_scale), _scaled(output_len[1], len_scale)
     reqs = [
@@ -249,7 +255,7 @@ def sharegpt(
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE,
 ) -> Workload:
     _check(num_requests=num_requests, len_scale=len_scale)
-    rng = random.Random(seed)
+    rng = _rng("sharegpt", seed)
     reqs = [
         Request(
             f"sg{i}",
@@ -273,7 +279,8 @@ GENERATORS: dict[str, Callable[..., Workload]] = {
     "sharegpt": sharegpt,
 }
 
-# Sizes: "full" fits the H200 budget of `vtensor bench all`; "quick" is a toy CPU run.
+# Sizes: "full" fits the H200 budget of `vtensor bench all`; "quick" is a toy CPU run;
+# "smoke" is the CI test's.
 SIZES: dict[str, dict[str, dict]] = {
     "full": {
         "multi_turn": dict(num_conversations=64, num_turns=4),
@@ -287,6 +294,12 @@ SIZES: dict[str, dict[str, dict]] = {
         "long_context": dict(num_requests=2, len_scale=1 / 128),
         "sharegpt": dict(num_requests=8, len_scale=1 / 16),
     },
+    "smoke": {  # CI: a handful of tokens each, every code path
+        "multi_turn": dict(num_conversations=2, num_turns=2, len_scale=1 / 16, max_context=48),
+        "shared_prefix": dict(num_requests=4, num_prefixes=2, len_scale=1 / 128),
+        "long_context": dict(num_requests=1, len_scale=1 / 256),
+        "sharegpt": dict(num_requests=3, len_scale=1 / 16),
+    },
 }
 
 
@@ -298,7 +311,7 @@ def make(
     token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE,
     **overrides,
 ) -> Workload:
-    """Build workload `name` at a preset size ("full" | "quick"), with overrides."""
+    """Build workload `name` at a preset size ("full" | "quick" | "smoke"), with overrides."""
     if name not in GENERATORS:
         raise ValueError(f"unknown workload {name!r}; choose from {sorted(GENERATORS)}")
     if size not in SIZES:

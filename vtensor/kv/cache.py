@@ -128,6 +128,9 @@ class KVCache:
         try:
             self.vt = VirtualTensor(self.pool, layout.total_bytes, self.mapper)
         except Exception as e:
+            if self.mapper is not None:
+                self.mapper.close()
+            self.pool.close()
             raise KVConfigError(
                 f"cannot reserve {layout.total_bytes / 2**40:.2f} TiB of virtual space for "
                 f"{num_slots} slots x {max_tokens} tokens x {layout.bytes_per_token} B: {e}"
@@ -137,7 +140,9 @@ class KVCache:
         self._base = self.vt.view(spec.dtype, (n_el,))
         self._bytes = self.vt.view(torch.uint8, (layout.total_bytes,))
         self.kv_views = layout.layer_views(self._base)
-        self._scratch: VirtualTensor | None = None  # 1 page to read cached-only tree pages
+        # 1 page of address space to read cached-only tree pages; made now, before any map
+        # work is queued (CUDA builds a tensor over a reservation with a temporary mapping)
+        self._scratch = VirtualTensor(self.pool, ps, self.mapper)
         self.tree = RadixTree(layout.chunk_end)
         self._slots = [_Slot(i) for i in range(num_slots)]
         self._free_slots = list(range(num_slots - 1, -1, -1))  # stack, slot 0 on top
@@ -345,8 +350,6 @@ class KVCache:
             dst.copy_(self._bytes[off : off + nbytes], non_blocking=True)
         else:
             assert isinstance(source, RadixNode) and source.page is not None
-            if self._scratch is None:
-                self._scratch = VirtualTensor(self.pool, ps, self.mapper)
             self._scratch.map_pages(0, [source.page]).wait()
             self.stats["map_ops"] += 1
             dst.copy_(self._scratch.view(torch.uint8, (nbytes,)), non_blocking=True)
@@ -362,6 +365,10 @@ class KVCache:
         lay = self.layout
         need = lay.pages_for(num_tokens)
         want = lay.pages_for(min(num_tokens + self.lookahead_tokens, self.max_tokens))
+        if s.pending is not None and need > s.pending_first:
+            if not s.pending.done():  # usually done long ago: that is what lookahead is for
+                self._required.append(s.pending)  # FIFO: covers earlier lookahead work too
+            s.pending = None
         if need > s.mapped:
             if not self._make_room(need - s.mapped):
                 self.stats["ensure_failures"] += 1
@@ -375,9 +382,6 @@ class KVCache:
             if s.pending is None:
                 s.pending_first = s.mapped
             s.pending, s.mapped = t, want
-        if s.pending is not None and need > s.pending_first:
-            self._required.append(s.pending)  # FIFO: covers earlier lookahead work too
-            s.pending = None
         s.num_tokens = max(s.num_tokens, num_tokens)
         return True
 
@@ -472,6 +476,9 @@ class KVCache:
         """Private pages -> (pinned) host memory, then unmapped; shared pages stay mapped."""
         s = self._slot(slot, SlotState.ACTIVE)
         self.wait_ready()  # the pages must be mapped (and written) before we read them
+        if s.pending is not None:  # lookahead pages too: they are copied like the others
+            s.pending.wait()
+            s.pending = None
         ps = self.page_size
         pages = self._private_pages(s)
         pin = self.backend.name == "cuda" and torch.cuda.is_available()
@@ -535,6 +542,12 @@ class KVCache:
 
     # ---- telemetry ----
     def snapshot(self) -> dict:
+        """Telemetry. pages_*: created (ever), live (exist now: in use + idle in the pool),
+        in_use (mapped or cached), free (idle in the pool, trimmed after idle_trim_seconds),
+        cached (only the radix tree holds them), in_tree / shared (tree pages a slot uses),
+        evictable (cached + what parked slots would give back). bytes_physical = live pages,
+        bytes_mapped = pages in use, bytes_live_tokens = what active requests' tokens need
+        (mapped - live = fragmentation + prefix cache + parked). Counters: see `stats`."""
         ps, bpt = self.page_size, self.layout.bytes_per_token
         pst = self.pool.stats()
         live = [s for s in self._slots if s.state in (SlotState.ACTIVE, SlotState.SWAPPED)]
@@ -576,108 +589,11 @@ class KVCache:
 
     # ---- integrity ----
     def check_integrity(self) -> None:
-        def fail(msg: str) -> None:
-            raise KVIntegrityError(msg)
+        """Raise KVIntegrityError unless every page is exactly one of free / owned / shared /
+        cached and all refcounts, locks and counters add up (see vtensor/kv/integrity.py)."""
+        from vtensor.kv.integrity import check_cache
 
-        lay, ps = self.layout, self.page_size
-        maps: dict[int, int] = {}  # id(page) -> mappings by slots
-        pages: dict[int, object] = {}
-        for s in self._slots:
-            base = self._sp(s.index)
-            for j in range(lay.pages_per_slot):
-                p = self.vt.page(base + j)
-                if p is None:
-                    continue
-                if j >= s.mapped or s.state == SlotState.FREE:
-                    fail(f"slot {s.index} ({s.state.name}) maps page {j} beyond mapped={s.mapped}")
-                maps[id(p)] = maps.get(id(p), 0) + 1
-                pages[id(p)] = p
-            if s.state == SlotState.FREE:
-                if s.path or s.tokens or s.tail is not None:
-                    fail(f"free slot {s.index} keeps state")
-                continue
-            # live-request waste: at most one partial page + lookahead beyond the need
-            need = lay.pages_for(max(s.num_tokens, len(s.tokens)))
-            slack = lay.pages_for(self.lookahead_tokens) + 1
-            if s.mapped > need + slack:
-                fail(f"slot {s.index}: {s.mapped} pages mapped for {need} needed")
-            if len(s.path) > lay.full_pages(len(s.tokens)):
-                fail(f"slot {s.index}: path of {len(s.path)} pages beyond its valid tokens")
-            tm = 0
-            for j, node in enumerate(s.path):
-                if node.depth != j + 1 or (j and node.parent is not s.path[j - 1]):
-                    fail(f"slot {s.index}: broken path at page {j}")
-                if node.key != self.tree.chunk(s.tokens, j):
-                    fail(f"slot {s.index}: path page {j} tokens differ from the slot's")
-                p = self.vt.page(base + j)
-                if p is node.page:
-                    tm += 1
-                elif p is None and s.state != SlotState.SWAPPED:
-                    fail(f"slot {s.index}: path page {j} not mapped")
-            if tm != s.tree_mapped:
-                fail(f"slot {s.index}: tree_mapped {s.tree_mapped} != {tm}")
-            if s.state == SlotState.SWAPPED:
-                if any(self.vt.is_mapped(base + j) for j in s.swap_pages):
-                    fail(f"swapped slot {s.index} still maps a swapped-out page")
-            elif self.enable_prefix_cache and s.tokens and s.tail is not self._deepest(s):
-                fail(f"slot {s.index}: tail registration is stale")
-        tree_nodes = self.tree.nodes()
-        locks: dict[int, int] = {}
-        pins: dict[int, int] = {}
-        for s in self._slots:
-            for node in s.path:
-                locks[id(node)] = locks.get(id(node), 0) + 1
-                if s.state != SlotState.PARKED:
-                    pins[id(node)] = pins.get(id(node), 0) + 1
-        tree_refs: dict[int, int] = {}
-        unpinned = 0
-        for node in tree_nodes:
-            p = node.page
-            if p is None:
-                fail("tree node without a page")
-            tree_refs[id(p)] = tree_refs.get(id(p), 0) + 1
-            pages[id(p)] = p
-            if node.lock_ref != locks.get(id(node), 0) or node.pin_ref != pins.get(id(node), 0):
-                fail(f"node depth {node.depth}: lock/pin refs {node.lock_ref}/{node.pin_ref}")
-            if (node.lock_ref == 0) != (node in self.tree.evictable):
-                fail(f"node depth {node.depth}: evictable set out of sync")
-            unpinned += node.pin_ref == 0
-            for sid in node.tails:
-                if self._slots[sid].tail is not node:
-                    fail(f"node depth {node.depth}: stale tail slot {sid}")
-        if unpinned != self.tree.num_unpinned or len(tree_nodes) != self.tree.num_nodes:
-            fail("tree counters out of sync")
-        if len(self.tree.evictable) != sum(n.lock_ref == 0 for n in tree_nodes):
-            fail("evictable set holds nodes no longer in the tree")
-        # LRU order: a node always sits behind all of its evictable descendants
-        pos = {id(n): i for i, n in enumerate(self.tree.evictable)}
-        for node in self.tree.evictable:
-            parent = node.parent
-            if parent is not None and id(parent) in pos and pos[id(parent)] < pos[id(node)]:
-                fail("evictable order puts a parent before its child")
-        for key, p in pages.items():
-            m, t = maps.get(key, 0), tree_refs.get(key, 0)
-            if t > 1:
-                fail(f"page {p.index} cached twice in the tree")
-            if p.refcount != m + t:
-                fail(f"page {p.index}: refcount {p.refcount} != {m} mappings + {t} tree refs")
-        scratch = self._scratch.num_mapped() if self._scratch is not None else 0
-        if scratch:
-            fail("scratch page still mapped")
-        if self.pool.num_in_use() != len(pages):
-            fail(f"pool has {self.pool.num_in_use()} pages in use, cache accounts {len(pages)}")
-        parked_private = sum(s.parked_private for s in self._slots)
-        if parked_private != self._parked_private:
-            fail("parked private page counter out of sync")
-        if sorted(self._parked) != sorted(
-            s.index for s in self._slots if s.state == SlotState.PARKED
-        ):
-            fail("parked set out of sync")
-        free = sorted(s.index for s in self._slots if s.state == SlotState.FREE)
-        if sorted(self._free_slots) != free:
-            fail("free slot list out of sync")
-        self.pool.check_integrity()
-        del ps
+        check_cache(self)
 
     # ---- teardown ----
     def close(self) -> None:
@@ -691,8 +607,7 @@ class KVCache:
         while self.tree.evictable:
             self.pool.decref(self.tree.evict_one())
         self._required = []
-        if self._scratch is not None:
-            self._scratch.close()
+        self._scratch.close()
         self.vt.close()
         if self.mapper is not None:
             self.mapper.close()

@@ -313,6 +313,7 @@ class PagedKVCache:
         q = self.stats["query_tokens"]
         return {
             "page_size": self.bytes_per_block,
+            "bytes_per_token": self.spec.bytes_per_token,
             "block_size": self.block_size,
             "num_blocks": self.num_blocks,
             "pages_in_use": in_use,

@@ -26,7 +26,7 @@ from vtensor.server.protocol import (
 )
 from vtensor.server.serving_chat import OpenAIServingChat
 from vtensor.server.serving_completions import OpenAIServingCompletion
-from vtensor.server.serving_engine import OpenAIError
+from vtensor.server.serving_engine import OpenAIError, engine_dead
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -50,6 +50,9 @@ async def with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
     watch = asyncio.ensure_future(_listen_for_disconnect(request))
     try:
         await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # server shutting down: take the handler with us
+        task.cancel()
+        raise
     finally:
         watch.cancel()
     if task.done():
@@ -114,6 +117,11 @@ def build_app(
             data=[ModelCard(id=served_model_name, max_model_len=completion.max_model_len)]
         )
 
+    @v1.get("/models/{model:path}")
+    async def retrieve_model(model: str) -> ModelCard:
+        completion.check_model(model)
+        return ModelCard(id=served_model_name, max_model_len=completion.max_model_len)
+
     @v1.post("/completions")
     async def create_completion(req: CompletionRequest, raw: Request) -> Response:
         return _as_response(await with_cancellation(raw, completion.create_completion(req)))
@@ -126,6 +134,11 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
+        dead = engine_dead(engine)
+        if dead is not None:
+            return error_response(
+                OpenAIError(f"engine failed: {dead!r}", status=503, type="server_error")
+            )
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -95,7 +95,8 @@ class SamplingFields(OpenAIModel):
     stop: Stop = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    seed: int | None = None
+    # int64, as OpenAI documents; seed + i (choice i) then stays within torch's seed range.
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

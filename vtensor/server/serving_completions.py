@@ -23,6 +23,9 @@ from vtensor.server.serving_engine import (
     stop_reason,
 )
 
+# A batch of prompts is a convenience, not a way around --max-waiting: keep it bounded.
+MAX_PROMPTS = 256
+
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(
@@ -41,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
         ]
         self.check_capacity()
         subs = self.make_subrequests(prompts, req, max_tokens=max_tokens, logprobs=req.logprobs)
-        echo = [self.tokenizer.decode(p) if req.echo else "" for p in prompts]
+        echo = [self._prompt_text(req.prompt, i) if req.echo else "" for i in range(len(prompts))]
         if req.stream:
             return self._stream(req, subs, echo)
         return await self._full(req, subs, echo)
@@ -55,12 +58,23 @@ class OpenAIServingCompletion(OpenAIServing):
             items = list(prompt)
         if not items:
             raise OpenAIError("The prompt is empty.", param="prompt")
+        if len(items) > MAX_PROMPTS:
+            raise OpenAIError(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
         out = []
         for item in items:
-            ids = self.encode(item) if isinstance(item, str) else list(item)
+            ids = self.encode(item, add_special_tokens=True) if isinstance(item, str) else item
             self.check_token_ids(ids, "prompt")
             out.append(ids)
         return out
+
+    def _prompt_text(self, prompt: str | list, i: int) -> str:
+        """Prompt i as the client wrote it (for echo): its string, or its ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and isinstance(prompt[0], int):
+            return self.tokenizer.decode(prompt)
+        item = prompt[i]
+        return item if isinstance(item, str) else self.tokenizer.decode(item)
 
     def _logprobs(
         self, sub: SubRequest, start: int, end: int, k: int, offset: int

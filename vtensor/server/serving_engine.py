@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from vtensor.engine.async_engine import EngineDeadError
 from vtensor.server.metrics import ServerMetrics
 from vtensor.server.protocol import (
     ErrorInfo,
@@ -65,6 +66,12 @@ def _find(obj: Any, paths: Sequence[str]) -> Any:
         if cur is not None:
             return cur
     return None
+
+
+def engine_dead(engine: Any) -> BaseException | None:
+    """The error that killed the engine's step thread, if it died (AsyncLLM has no public
+    accessor for it yet)."""
+    return getattr(engine, "_dead", None)
 
 
 def engine_tokenizer(engine: Any) -> Any:
@@ -119,7 +126,8 @@ class OpenAIServing:
         self.max_waiting = max_waiting
         self.tokenizer = engine_tokenizer(engine)
         self.max_model_len = engine_max_model_len(engine)
-        self.vocab_size = len(self.tokenizer)
+        vocab = _find(engine, ("model_config.vocab_size", "engine.model_config.vocab_size"))
+        self.vocab_size = int(vocab) if vocab is not None else len(self.tokenizer)
 
     # ------------------------------------------------------------------ checks
 
@@ -144,8 +152,9 @@ class OpenAIServing:
                 headers={"Retry-After": "1"},
             )
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        # Chat templates carry their own BOS; raw completion prompts get the tokenizer's.
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -238,6 +247,9 @@ class OpenAIServing:
                     queue.put_nowait((sub, out, None))
             except asyncio.CancelledError:
                 raise
+            except EngineDeadError as e:  # not the client's fault, and not going to recover
+                err = OpenAIError(str(e), status=503, type="server_error", code="engine_dead")
+                queue.put_nowait((sub, None, err))
             except (ValueError, TypeError) as e:  # the engine rejected the request's input
                 queue.put_nowait((sub, None, OpenAIError(f"Invalid request: {e}")))
             except BaseException as e:  # surfaced to the consumer, not lost in a task
@@ -252,7 +264,7 @@ class OpenAIServing:
         try:
             while remaining:
                 sub, out, err = await queue.get()
-                if sub is None:  # pump k ended
+                if sub is None:  # the pump of choice `out` ended
                     remaining -= 1
                     finished.add(out)
                     if out in waiting:
@@ -262,6 +274,15 @@ class OpenAIServing:
                 if err is not None:
                     raise err
                 self._observe(sub, out)
+                if out.finished and getattr(out, "error", None):
+                    # The engine gave up on it (e.g. its KV can never fit): not the client's
+                    # fault, but not a silent truncation either.
+                    raise OpenAIError(
+                        f"The engine aborted the request: {out.error}",
+                        status=503,
+                        type="server_error",
+                        code="engine_aborted",
+                    )
                 if sub.index in waiting and sub.num_tokens > 0:
                     waiting.discard(sub.index)
                     self.metrics.num_waiting -= 1

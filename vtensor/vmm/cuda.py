@@ -58,6 +58,7 @@ class CudaBackend(Backend):
         with torch.cuda.device(self.ordinal):
             torch.empty(1, device=self.device)  # make PyTorch create its primary context
         self._tls = threading.local()
+        self._call("cuInit", cu.cuInit(0))  # no-op after torch's init; loads the entry points
         self._cudev = self._call("cuDeviceGet", cu.cuDeviceGet(self.ordinal))
         self._ctx = self._call("cuDevicePrimaryCtxRetain", cu.cuDevicePrimaryCtxRetain(self._cudev))
         name = self._call("cuDeviceGetName", cu.cuDeviceGetName(256, self._cudev))

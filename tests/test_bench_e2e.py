@@ -1,0 +1,183 @@
+"""E2E runners: offline turn-by-turn semantics (recording system), ratios and summary rows,
+and the real thing at toy scale on the CPU: the engine with the embedded model (virtual,
+paged, HF generate) offline, and a real `vtensor serve` subprocess online."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from vtensor.bench import e2e
+from vtensor.bench import workloads as W
+from vtensor.bench.systems import GenResult
+
+
+class Recorder:
+    """A system whose reply to a prompt is a function of the prompt (so histories can be
+    checked), recording every batch it is given."""
+
+    name = "virtual"
+
+    def __init__(self, slow_s: float = 0.0):
+        self.batches: list[list[list[int]]] = []
+        self.slow_s = slow_s
+
+    def kv_probe(self):
+        return {"kv_mapped_bytes": 100, "kv_live_bytes": 50}
+
+    def kv_snapshot(self):
+        return {"pages_in_use": 1}
+
+    @staticmethod
+    def reply(prompt: list[int], n: int) -> list[int]:
+        return [(sum(prompt) + 7 * k) % 997 for k in range(n)]
+
+    def generate(self, prompts, max_tokens, deadline=None):
+        self.batches.append([list(p) for p in prompts])
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        late = deadline is not None and time.perf_counter() > deadline
+        outs = [self.reply(p, 0 if late else m) for p, m in zip(prompts, max_tokens, strict=True)]
+        return GenResult(outs, [len(p) // 2 for p in prompts], [0.001] * len(prompts), not late)
+
+
+def test_offline_multi_turn_resends_history_with_generated_replies():
+    wl = W.multi_turn(5, 3, seed=1, len_scale=0.1, max_context=300)
+    sysm = Recorder()
+    r = e2e.run_offline(sysm, wl, sample_interval=0.01)
+    assert len(sysm.batches) == 3  # one batch per turn, all conversations together
+    for c, conv in enumerate(wl.conversations):
+        hist: list[int] = []
+        for t in range(3):
+            prompt = sysm.batches[t][c]
+            assert prompt == hist + conv.user_turns[t]
+            hist = prompt + Recorder.reply(prompt, conv.reply_lens[t])
+    st = wl.stats()
+    assert r["output_tokens"] == r["expected_output_tokens"] == st["max_output_tokens"]
+    assert r["prompt_tokens"] == sum(len(p) for b in sysm.batches for p in b)
+    assert r["cached_tokens"] == sum(len(p) // 2 for b in sysm.batches for p in b)
+    assert r["complete"] and len(r["turn_s"]) == 3 and r["num_requests"] == 15
+    assert r["output_tokens_per_s"] > 0 and r["memory"]["kv_mapped_peak"] == 100
+
+
+def test_offline_deadline_marks_incomplete():
+    wl = W.multi_turn(2, 3, seed=0, len_scale=0.1, max_context=200)
+    r = e2e.run_offline(Recorder(slow_s=0.05), wl, deadline=time.perf_counter() + 0.01)
+    assert not r["complete"] and r["output_tokens"] < r["expected_output_tokens"]
+
+
+def test_ratios_and_summary_rows():
+    def off(tps, peak):
+        return {"output_tokens_per_s": tps, "complete": True, "output_digest": "d",
+                "memory": {"device_used_peak": peak, "vllm_preallocated": 1000}}  # fmt: skip
+
+    def on(ttft, good):
+        lat = {"p50": ttft, "p99": 2 * ttft}
+        return {"num_ok": 4, "num_failed": 0, "complete": True, "ttft_ms": lat, "tpot_ms": lat,
+                "e2e_ms": lat, "goodput_rps": good}  # fmt: skip
+
+    w = {
+        "offline": {"virtual": off(300.0, 200), "paged": off(100.0, 900), "hf": off(50.0, 400)},
+        "online": {"virtual": on(10.0, 4.0), "paged": on(30.0, 2.0)},
+    }
+    rt = e2e.compute_ratios(w)
+    assert rt["offline_throughput_vs_paged"] == pytest.approx(3.0)
+    assert rt["offline_throughput_vs_hf"] == pytest.approx(6.0)
+    assert rt["peak_memory_saving_vs_paged"] == pytest.approx(4.5)
+    assert rt["peak_memory_vs_vllm_pool"] == pytest.approx(0.2)
+    assert rt["online_ttft_p50_vs_paged"] == pytest.approx(3.0)
+    assert rt["online_goodput_vs_paged"] == pytest.approx(2.0)
+    # a run its time cap cut short is not the same work: it never enters a ratio
+    cut = {**w, "offline": {**w["offline"], "paged": {**off(100.0, 900), "complete": False}}}
+    assert "offline_throughput_vs_paged" not in e2e.compute_ratios(cut)
+    w["ratios"] = rt
+    rows = e2e.summary_rows({"model_name": "m", "hardware": {"device": "H"}, "workloads": {"x": w}})
+    tput = next(r for r in rows if r["metric"].startswith("offline output"))
+    assert (tput["virtual"], tput["paged"], tput["hf"]) == ("300.0", "100.0", "50.0")
+    assert (tput["virtual_vs_paged"], tput["virtual_vs_hf"]) == ("3.00x", "6.00x")
+    assert any(r["metric"].startswith("online goodput") for r in rows)
+    md = e2e.markdown_table(rows)
+    assert md.count("\n") == len(rows) + 1
+
+
+# --- the real engine and server, at smoke size, on the tiny dummy model -----------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    out = tmp_path_factory.mktemp("e2e")
+    argv = ["--model", "tiny", "--size", "smoke", "--inprocess", "--out", str(out),
+            "--systems", "virtual,paged,hf", "--online", "multi_turn",
+            "--online-systems", "virtual", "--rate-conv", "50", "--time-cap", "240",
+            "--threads", "1"]  # fmt: skip
+    assert e2e.main(argv) == 0
+    with open(out / "e2e_tiny-dummy.json") as f:
+        return out, json.load(f)
+
+
+def test_smoke_offline_every_workload_every_system(smoke_run):
+    out, res = smoke_run
+    assert res["notes"] == []
+    assert set(res["workloads"]) == {"multi_turn", "shared_prefix", "long_context", "sharegpt"}
+    for key, w in res["workloads"].items():
+        wl = e2e.build_workload(key, "smoke", 0, tuple(res["token_range"]))
+        assert w["workload"]["max_output_tokens"] == wl.stats()["max_output_tokens"]
+        assert set(w["offline"]) == {"virtual", "paged", "hf"}, key
+        for system, r in w["offline"].items():
+            assert "error" not in r, (key, system, r)
+            # ignore_eos + greedy: exactly the requested work, in full
+            assert r["complete"] and r["output_tokens"] == wl.stats()["max_output_tokens"]
+            assert r["prompt_tokens"] == wl.stats()["prompt_tokens"]
+            assert r["output_tokens_per_s"] > 0 and r["memory"]["num_samples"] >= 2
+        v, p = w["offline"]["virtual"], w["offline"]["paged"]
+        assert v["memory"]["kv_physical_peak"] > 0 and p["memory"]["kv_physical_peak"] > 0
+        # the paged baseline holds its whole pool from the start; virtual maps on demand
+        assert v["memory"]["kv_physical_peak"] < p["memory"]["kv_physical_peak"]
+        assert w["ratios"]["offline_throughput_vs_paged"] > 0
+        assert (out / f"tiny-dummy_{key}.png").exists()
+    # multi-turn: later turns resend the history, which the virtual KV serves from cache
+    assert res["workloads"]["multi_turn"]["offline"]["virtual"]["cached_tokens"] > 0
+
+
+def test_smoke_online_multi_turn_against_a_real_server(smoke_run):
+    _, res = smoke_run
+    r = res["workloads"]["multi_turn"]["online"]["virtual"]
+    wl = e2e.build_workload("multi_turn", "smoke", 0, tuple(res["token_range"]))
+    assert r["num_failed"] == 0 and r["num_ok"] == wl.stats()["num_requests"]
+    assert r["output_tokens"] == wl.stats()["max_output_tokens"]
+    assert r["complete"] and r["retokenized_replies"]
+    assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p99"]
+    assert r["goodput_rps"] > 0 and r["slo_attainment"] == 1.0
+    # turn 2 carries turn 1 (prompt + re-tokenized reply): the server reports cached tokens
+    assert r["cached_tokens"] > 0
+    assert r["prompt_tokens"] == wl.stats()["prompt_tokens"]
+
+
+def test_workload_keys_and_hf_selection():
+    wl = e2e.build_workload("sharegpt:5", "full", 0, (1000, 30000))
+    assert wl.name == "sharegpt:5" and len(wl.requests) == 5
+    assert wl.requests == W.make("sharegpt", "full").requests[:5]  # a prefix of the full set
+    args = e2e.parse_args([])
+    assert e2e.hf_fits(e2e.build_workload("multi_turn:8", "full", 0, (1000, 30000)), args)
+    assert not e2e.hf_fits(e2e.build_workload("multi_turn", "full", 0, (1000, 30000)), args)
+    assert not e2e.hf_fits(e2e.build_workload("long_context", "full", 0, (1000, 30000)), args)
+    assert e2e.token_range_for(512) == (51, 461)
+    assert e2e.token_range_for(128256) == (1000, 30000)
+
+
+def test_dummy_model_dir_serves_a_round_tripping_tokenizer():
+    from vtensor.bench.systems import TINY_CONFIG, model_dir
+    from vtensor.model import load_tokenizer
+
+    d = model_dir("tiny", TINY_CONFIG, min_context=8192)
+    with open(f"{d}/config.json") as f:
+        cfg = json.load(f)
+    assert cfg["max_position_embeddings"] == 8192 and cfg["hidden_size"] == 64
+    tok = load_tokenizer(d)
+    ids = [3, 77, 300, 511]
+    assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids
+    assert model_dir("tiny", TINY_CONFIG, min_context=8192) == d  # written once

@@ -1,0 +1,100 @@
+"""The engine on tiny random Llama and Qwen3 checkpoints (transformers configs, saved with
+save_pretrained): batched greedy == HF greedy, with chunked prefill, prefix reuse and preemption
+under a tiny KV budget (64 KiB host pages), for kv="virtual" and kv="paged"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_utils import engine_env, greedy, hf_greedy  # noqa: F401
+
+from vtensor.engine import LLM
+
+pytestmark = pytest.mark.usefixtures("engine_env")
+VOCAB, NEW = 211, 24
+
+
+def _hf_config(kind: str):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    return Qwen3Config(**{**common, "head_dim": 32}, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def checkpoint(request, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(_hf_config(request.param), dtype=torch.float32).eval()
+    with torch.no_grad():  # HF init is nearly degenerate (norms 1, small weights): spread it
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 17, 40, 9)]
+    refs = [hf_greedy(hf, p, NEW) for p in prompts]
+    return str(path), hf, prompts, refs
+
+
+def _llm(path: str, **kw) -> LLM:
+    # 4 KiB host pages hold 8 (llama) or 4 (qwen3) tokens: prefixes share full pages
+    return LLM(path, device="cpu", dtype="float32", max_model_len=128, page_size=4096,
+               debug=True, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("kv", ["virtual", "paged"])
+def test_tiny_batched_greedy_prefix_preemption(checkpoint, kv):
+    path, hf, prompts, refs = checkpoint
+    llm = _llm(path, kv=kv, max_num_batched_tokens=16, kv_memory=2**20)  # chunked prefill
+    outs = llm.generate(prompts, greedy(NEW))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    # prefix reuse: a new request sharing prompt 2's first 33 tokens
+    shared = prompts[2][:33] + [5, 6, 7]
+    out = llm.generate([shared], greedy(NEW))[0]
+    assert out.num_cached_tokens >= 16
+    assert out.outputs[0].token_ids == hf_greedy(hf, shared, NEW)
+    llm.llm_engine.kv_cache.check_integrity()
+    bpt = llm.llm_engine.kv_cache.spec.bytes_per_token
+    llm.close()
+    # preemption: KV for 96 tokens, requests that need 27 + 41 + 64 + 33 (the largest fits)
+    llm = _llm(path, kv=kv, kv_memory=96 * bpt, enable_prefix_cache=False)
+    outs = llm.generate(prompts, greedy(NEW))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    llm.llm_engine.kv_cache.check_integrity()
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    llm.close()
+
+
+def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
+    """The CUDA-graph decode path (not runnable here) pads a batch to its bucket: real rows
+    carry token, position, slot and length; pad rows aim at the private pad slot, length 1."""
+    from vtensor.engine.runner import graph_buckets
+
+    assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 32] and graph_buckets(256)[-1] == 256
+    assert graph_buckets(5) == [1, 2, 4, 5]
+    path, _, prompts, _ = checkpoint
+    llm = _llm(path)
+    eng, runner = llm.llm_engine, llm.llm_engine.runner
+    pad = eng.kv_cache.acquire("__pad__", [0])
+    assert eng.kv_cache.ensure(pad.slot, 1)
+    runner._pad_col = torch.tensor([0, 0, pad.slot, 0, pad.slot, 1], dtype=torch.int32)
+    for i, p in enumerate(prompts[:3]):
+        eng.add_request(str(i), p, greedy(4))
+    eng.step()  # prefill all three
+    batch = eng.scheduler.schedule()
+    assert not batch.is_prefill and len(batch) == 3
+    buf = runner._decode_inputs(batch, 4)
+    for row, seq in enumerate(batch.seqs):
+        c = seq.num_computed
+        assert buf[:, row].tolist() == [seq.token_ids[c], c, seq.slot, c, seq.slot, c + 1]
+    assert buf[:, 3].tolist() == runner._pad_col.tolist()
+    eng.kv_cache.free(pad.slot)
+    llm.close()

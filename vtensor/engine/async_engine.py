@@ -1,0 +1,176 @@
+"""AsyncLLM: the engine's step loop on a background thread, for the server.
+
+The event loop never touches the engine: `generate` tokenizes and validates in the caller
+(ValueError at once for a bad request), hands the Sequence to the engine thread, and awaits
+outputs on a per-request asyncio.Queue fed with `call_soon_threadsafe` (one call per loop per
+step). The engine thread sleeps on a condition variable when it has nothing to do, so an idle
+server costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vtensor.engine.engine import EngineArgs, LLMEngine
+from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.sampling_params import SamplingParams
+from vtensor.engine.scheduler import RequestTooLargeError
+from vtensor.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; requests in flight get this error."""
+
+
+class AsyncLLM:
+    def __init__(
+        self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None, **kwargs: Any
+    ) -> None:
+        if engine is None:
+            engine = LLMEngine(args if args is not None else EngineArgs(**kwargs))
+        self.engine = engine
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
+        self._cv = threading.Condition()
+        self._new: list[Sequence] = []
+        self._aborts: list[str] = []
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._dead: BaseException | None = None
+        self._stats: dict = self.engine.stats()
+        self._ttft: deque[float] = deque(maxlen=2048)
+        self._tpot: deque[float] = deque(maxlen=2048)
+        self._thread = threading.Thread(target=self._loop, name="vtensor-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ client side
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine thread died: {self._dead!r}")
+        seq = self.engine.make_sequence(request_id, prompt, params)  # raises on bad input
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._cv:
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._queues[request_id] = (loop, q)
+            self._new.append(seq)
+            self._cv.notify()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error:
+                    finished = True
+                    raise RequestTooLargeError(item.error)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._cv:
+                self._queues.pop(request_id, None)
+                if not finished:  # consumer went away (cancelled, closed): free its KV now
+                    self._aborts.append(request_id)
+                    self._cv.notify()
+
+    async def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.append(request_id)
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        """running / waiting counts, KV snapshot (as of the last step), recent TTFT and TPOT
+        samples in seconds."""
+        with self._cv:
+            return {**self._stats, "ttft": list(self._ttft), "tpot": list(self._tpot)}
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self.engine.close()
+
+    close = shutdown
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stop or self._new or self._aborts
+                               or eng.has_unfinished_requests()):  # fmt: skip
+                        self._stats = eng.stats()
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    new, self._new = self._new, []
+                    aborts, self._aborts = self._aborts, []
+                for seq in new:
+                    try:
+                        eng.add_sequence(seq)
+                    except ValueError as e:  # duplicate id
+                        self._deliver([(seq.request_id, e)])
+                for rid in aborts:
+                    eng.abort_request(rid)
+                outs = eng.step()
+                self._observe(outs)
+                self._deliver([(o.request_id, o) for o in outs])
+                # the KV snapshot walks every slot: refresh it every 16 steps (and when idle)
+                fresh = eng.stats(include_kv=eng.counters["steps"] % 16 == 0)
+                with self._cv:
+                    self._stats = {**self._stats, **fresh}
+        except BaseException as e:  # never leave a client waiting forever
+            log.exception("engine thread failed")
+            self._dead = e
+            with self._cv:
+                rids = list(self._queues)
+            self._deliver([(rid, EngineDeadError(f"engine failed: {e!r}")) for rid in rids])
+
+    def _observe(self, outs: list[RequestOutput]) -> None:
+        for o in outs:
+            m = o.metrics or {}
+            if not o.finished or m.get("first_token") is None:
+                continue
+            self._ttft.append(m["first_token"] - m["arrival"])
+            n = len(o.outputs[0].token_ids)
+            if n > 1 and m.get("finish") is not None:
+                self._tpot.append((m["finish"] - m["first_token"]) / (n - 1))
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._cv:
+            for rid, item in items:
+                entry = self._queues.get(rid)
+                if entry is not None:
+                    by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, puts in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
+                loop.call_soon_threadsafe(_put_all, puts)
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
+
+
+__all__ = ["AsyncLLM", "EngineDeadError"]

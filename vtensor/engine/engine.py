@@ -1,0 +1,367 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time (not thread-safe: AsyncLLM
+drives it from one thread).
+
+    add_request -> Scheduler.waiting -> schedule() -> ModelRunner.execute() -> Sampler
+                -> append token, detokenize, stop checks -> RequestOutput deltas
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vtensor.engine.detokenizer import Detokenizer
+from vtensor.engine.outputs import CompletionOutput, RequestOutput
+from vtensor.engine.runner import ModelRunner
+from vtensor.engine.sampler import Sampler
+from vtensor.engine.sampling_params import SamplingParams
+from vtensor.engine.scheduler import Scheduler
+from vtensor.engine.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
+
+
+def parse_memory(value: int | float | str | None) -> int | float | None:
+    """KV budget: bytes (int or "4GiB", "512MB"), or a fraction in (0, 1] (float, "0.8") of
+    free device memory."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError(f"kv_memory fraction must be in (0, 1], got {value}")
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"kv_memory must be > 0 bytes, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_memory {value!r}: use bytes, e.g. 4GiB / 512MB, or a fraction 0.8")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    if not unit and "." in m.group(1):
+        return parse_memory(num)
+    return parse_memory(int(num * _UNITS[unit]))
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str | None = None  # HF folder, .gguf, dummy preset name, None: embedded SmolLM2
+    dtype: str = "auto"  # auto: bf16 (or the checkpoint's half type) on CUDA, fp32 on CPU
+    device: str = "auto"
+    max_model_len: int | None = None  # default: min(model's context, 8192)
+    kv: str = "virtual"  # "virtual" | "paged"
+    kv_memory: int | float | str | None = None  # default: 0.85 of free GPU memory / 1 GiB CPU
+    max_num_seqs: int | None = None  # default: 256 on CUDA, 32 on CPU
+    max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
+    load_format: str = "auto"
+    tokenizer: str | None = None
+    enable_prefix_cache: bool = True
+    preemption_mode: str = "recompute"  # or "swap"
+    enforce_eager: bool = False  # no CUDA graphs
+    page_size: int | None = None  # virtual KV page bytes (host default when None)
+    block_size: int = 16  # paged KV
+    attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)
+    async_map: bool = True
+    seed: int = 0  # dummy weights
+    config_overrides: dict | None = None
+    debug: bool = False  # check KV integrity whenever the engine goes idle
+
+    def __post_init__(self) -> None:
+        if self.kv not in ("virtual", "paged"):
+            raise ValueError(f"kv must be 'virtual' or 'paged', got {self.kv!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.kv_memory = parse_memory(self.kv_memory)
+
+
+def _is_path(model: str | None) -> bool:
+    import os
+
+    return model is None or os.path.exists(os.path.expanduser(model))
+
+
+class LLMEngine:
+    def __init__(
+        self, args: EngineArgs | None = None, *, preloaded: tuple | None = None, **kwargs: Any
+    ) -> None:
+        """preloaded: (model, model_config, tokenizer) to share one loaded model between
+        engines (tests, benchmarks comparing kv modes); otherwise loaded from args."""
+        from vtensor.kv import KVCache, KVSpec, PagedKVCache
+        from vtensor.model import (
+            ModelNotFoundError,
+            eos_token_ids,
+            load_model,
+            load_tokenizer,
+            resolve_device,
+        )  # fmt: skip
+        from vtensor.vmm import make_backend
+
+        args = args if args is not None else EngineArgs(**kwargs)
+        self.args = args
+        self.device = dev = resolve_device(args.device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # graph capture and the KV backend use the current device
+        t0 = time.perf_counter()
+        if preloaded is not None:
+            self.model, self.model_config, self.tokenizer = preloaded
+        else:
+            self.model, self.model_config = load_model(
+                args.model, dtype=args.dtype, device=dev, load_format=args.load_format,
+                config_overrides=args.config_overrides, seed=args.seed,
+            )  # fmt: skip
+            self.tokenizer = None
+        self.load_s = time.perf_counter() - t0
+        cfg = self.model_config
+        if preloaded is None and (args.tokenizer is not None or _is_path(args.model)):
+            try:
+                self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+            except ModelNotFoundError as e:  # weights without tokenizer files: ids only
+                if args.tokenizer is not None:
+                    raise
+                log.warning("no tokenizer for %s (%s): token-id prompts only", args.model, e)
+        eos = list(cfg.eos_token_ids)
+        self.eos_token_ids = set(eos_token_ids(self.tokenizer, eos) if self.tokenizer else eos)
+        limit = cfg.max_position_embeddings
+        self.max_model_len = args.max_model_len or min(limit, 8192)
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's {limit}")
+        cuda = dev.type == "cuda"
+        max_seqs = args.max_num_seqs or (256 if cuda else 32)
+        self.max_num_seqs = max_seqs
+        budget = args.kv_memory if args.kv_memory is not None else (0.85 if cuda else 2**30)
+        spec = KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
+        graphs = cuda and not args.enforce_eager
+        num_slots = max_seqs + (1 if graphs else 0)  # + the CUDA-graph pad slot
+        self.paged = args.kv == "paged"
+        if self.paged:
+            self.kv_cache = PagedKVCache(
+                spec, max_tokens=self.max_model_len, num_slots=num_slots, budget_bytes=budget,
+                device=dev, enable_prefix_cache=args.enable_prefix_cache,
+                block_size=args.block_size,
+            )  # fmt: skip
+        else:
+            backend = make_backend(dev if cuda else "cpu", page_size=args.page_size)
+            self.kv_cache = KVCache(
+                spec, backend=backend, max_tokens=self.max_model_len, num_slots=num_slots,
+                budget_bytes=budget, enable_prefix_cache=args.enable_prefix_cache,
+                async_map=args.async_map,
+            )  # fmt: skip
+        tokens = args.max_num_batched_tokens or (8192 if cuda else 2048)
+        self.scheduler = Scheduler(
+            self.kv_cache, max_num_seqs=max_seqs, max_num_batched_tokens=tokens,
+            preemption_mode=args.preemption_mode,
+        )  # fmt: skip
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, paged=self.paged, device=dev, max_num_seqs=max_seqs,
+            max_model_len=self.max_model_len,
+            backend=args.attention_backend or ("auto" if cuda else "torch"),
+            use_cuda_graphs=graphs,
+        )  # fmt: skip
+        self.sampler = Sampler(sorted(self.eos_token_ids))
+        self.requests: dict[str, Sequence] = {}
+        self._pending: list[Sequence] = []  # aborted / failed: reported by the next step()
+        self._arrivals = 0
+        self.counters = dict.fromkeys(
+            ("steps", "prefill_steps", "decode_steps", "prompt_tokens_computed",
+             "generation_tokens", "requests_finished"), 0,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ requests
+
+    def make_sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> Sequence:
+        """Tokenize and validate a request (no engine state touched: safe from any thread)."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: the engine runs one choice per request; submit n "
+                             "requests with different seeds (the server does)")  # fmt: skip
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+            ids, text = list(self.tokenizer.encode(prompt)), prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        n, vocab = len(ids), self.model_config.vocab_size
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {n} tokens is too long: max_model_len is {self.max_model_len} "
+                "(prompt + at least one output token must fit)"
+            )
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        detok = Detokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+        )  # fmt: skip
+        return Sequence(request_id, text, ids, params, detok, arrival=0)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params))
+
+    def add_sequence(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self._arrivals += 1
+        seq.arrival = self._arrivals
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.abort(seq)
+        seq.finish_reason = "abort"
+        seq.t_finish = time.monotonic()
+        self._pending.append(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self._pending or self.scheduler.failed)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------ step
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        done = self._pending + self.scheduler.failed
+        self._pending, self.scheduler.failed = [], []
+        outputs = []
+        for seq in done:
+            self.requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq))
+        if not batch:
+            if self.args.debug and not self.requests:
+                self.kv_cache.check_integrity()
+            return outputs
+        self.counters["steps"] += 1
+        self.counters["prefill_steps" if batch.is_prefill else "decode_steps"] += 1
+        self.kv_cache.wait_ready()
+        logits, rows = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            seq.num_computed += n
+            if batch.is_prefill and n > 1:
+                self.counters["prompt_tokens_computed"] += n
+                if self.args.enable_prefix_cache:  # publish full pages for concurrent requests
+                    self.kv_cache.cache_prefix(seq.slot, seq.token_ids[: seq.num_computed])
+        if rows:
+            seqs = [batch.seqs[r] for r in rows]
+            out = self.sampler(logits, seqs)
+            ids = out.token_ids.tolist()  # the one host sync of the step
+            lps = tops = top_ids = None
+            if out.logprobs is not None:
+                lps = out.logprobs.tolist()
+                if out.top_ids is not None:
+                    tops, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
+            now = time.monotonic()
+            for j, (seq, tok) in enumerate(zip(seqs, ids, strict=True)):
+                if seq.logprobs is not None and lps is not None:
+                    entry = {}
+                    if tops is not None:
+                        k = seq.params.logprobs
+                        entry = dict(zip(top_ids[j][:k], tops[j][:k], strict=True))
+                    entry[tok] = lps[j]
+                    seq.logprobs.append(entry)
+                    seq.cumulative_logprob += lps[j]
+                self._append(seq, tok, now)
+                outputs.append(self._output(seq))
+        self.scheduler.remove_finished()
+        if self.args.debug and not self.requests:
+            self.kv_cache.check_integrity()
+        return outputs
+
+    def _append(self, seq: Sequence, tok: int, now: float) -> None:
+        seq.token_ids.append(tok)
+        self.counters["generation_tokens"] += 1
+        if seq.t_first_token is None:
+            seq.t_first_token = now
+        p = seq.params
+        n_out = seq.num_output_tokens
+        stop_str = seq.detok.add(tok)
+        reason, stop_reason = None, None
+        if stop_str is not None:
+            reason, stop_reason = "stop", stop_str
+        elif n_out > p.min_tokens and not p.ignore_eos and tok in self.eos_token_ids:
+            reason = "stop"
+        elif n_out > p.min_tokens and tok in p.stop_token_ids:
+            reason, stop_reason = "stop", tok
+        elif (p.max_tokens is not None and n_out >= p.max_tokens) or (
+            seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason, seq.t_finish = reason, stop_reason, now
+            self.scheduler.finish(seq)
+            self.requests.pop(seq.request_id, None)
+            self.counters["requests_finished"] += 1
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.status == Status.FINISHED
+        out_ids = seq.output_token_ids
+        text = seq.detok.visible(finished)
+        comp = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=out_ids,
+            new_token_ids=out_ids[seq.num_sent :],
+            new_text=text[seq.text_sent :],
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason if finished else None,
+            stop_reason=seq.stop_reason,
+        )
+        seq.num_sent, seq.text_sent = len(out_ids), len(text)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            outputs=[comp],
+            finished=finished,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
+            metrics={
+                "arrival": seq.t_arrival,
+                "first_token": seq.t_first_token,
+                "finish": seq.t_finish,
+                "num_preemptions": seq.num_preemptions,
+            },  # fmt: skip
+        )
+
+    # ------------------------------------------------------------------ misc
+
+    def stats(self, include_kv: bool = True) -> dict:
+        s = self.scheduler
+        out = {
+            "running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped),
+            "num_preemptions": s.num_preemptions, **self.counters,
+            "cuda_graphs": sorted(self.runner.graphs),
+        }  # fmt: skip
+        if include_kv:
+            out["kv"] = self.kv_cache.snapshot()
+        return out
+
+    def close(self) -> None:
+        for rid in list(self.requests):
+            self.abort_request(rid)
+        self._pending = []
+        self.runner.close()
+        self.kv_cache.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

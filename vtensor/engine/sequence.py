@@ -1,0 +1,77 @@
+"""Request state: one Sequence per engine request (n = 1; the server fans n out)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from vtensor.engine.detokenizer import Detokenizer
+from vtensor.engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"  # not admitted yet (or preempted by recompute: KV dropped)
+    RUNNING = "running"  # holds a KV slot
+    SWAPPED = "swapped"  # preempted by swap: private KV pages in host memory
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    arrival: int  # admission order: preemption picks the newest, resumption the oldest
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_computed: int = 0  # tokens whose KV is in the cache (a prefix of token_ids)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on first admission
+    admitted: bool = False
+    slot: int | None = None
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    generator: torch.Generator | None = None
+    num_sent: int = 0  # output tokens already reported
+    text_sent: int = 0  # chars of output text already reported
+    num_preemptions: int = 0
+    t_arrival: float = field(default_factory=time.monotonic)
+    t_first_token: float | None = None
+    t_finish: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed >= self.num_tokens - 1

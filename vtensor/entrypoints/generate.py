@@ -1,0 +1,80 @@
+"""`vtensor generate "prompt" ...`: stream completions of one or more prompts to stdout.
+
+With a chat template (instruct models, the default SmolLM2) prompts are sent as a user turn
+unless --raw is given. A stats line goes to stderr: tokens, tokens/s, time to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from vtensor.entrypoints.common import add_engine_arguments, engine_args, sampling_params
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="*", help="prompt(s); '-' or none: read one from stdin")
+    p.add_argument("--raw", action="store_true", help="no chat template: plain completion")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    add_engine_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vtensor.engine import LLM
+    from vtensor.model import apply_chat_template
+
+    prompts = [p for p in args.prompt if p != "-"]
+    if not prompts:
+        prompts = [sys.stdin.read()]
+    try:
+        params = sampling_params(args)
+        t0 = time.perf_counter()
+        llm = LLM(**_kwargs(engine_args(args)))
+    except (ValueError, OSError) as e:
+        print(f"vtensor generate: {e}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - t0
+    tok = llm.tokenizer
+    use_chat = not args.raw and tok is not None and getattr(tok, "chat_template", None)
+    rc = 0
+    for prompt in prompts:
+        msgs = [{"role": "user", "content": prompt}]
+        ids = apply_chat_template(tok, msgs) if use_chat else prompt
+        t1 = time.perf_counter()
+        first = None
+        last = None
+        try:
+            for out in llm.generate_stream([ids], params):
+                if first is None and out.outputs[0].new_token_ids:
+                    first = time.perf_counter() - t1
+                if not args.json:
+                    sys.stdout.write(out.outputs[0].new_text)
+                    sys.stdout.flush()
+                last = out
+        except ValueError as e:
+            print(f"vtensor generate: {e}", file=sys.stderr)
+            rc = 2
+            continue
+        dt = time.perf_counter() - t1
+        comp = last.outputs[0]
+        n = len(comp.token_ids)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": comp.text, "token_ids": comp.token_ids,
+                              "finish_reason": comp.finish_reason,
+                              "num_cached_tokens": last.num_cached_tokens}))  # fmt: skip
+        else:
+            sys.stdout.write("\n")
+        print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, first token "
+              f"{(first or 0) * 1e3:.0f} ms, finish={comp.finish_reason}, device="
+              f"{llm.llm_engine.device}, load {load_s:.1f} s]", file=sys.stderr)  # fmt: skip
+    llm.close()
+    return rc
+
+
+def _kwargs(ea) -> dict:
+    import dataclasses
+
+    d = {f.name: getattr(ea, f.name) for f in dataclasses.fields(ea)}
+    return d

@@ -1,0 +1,221 @@
+"""Split-K (flash-decoding) decode attention over virtual-contiguous or paged KV.
+
+One program owns (sequence, kv_head, split): it loads the query rows of the whole GQA group
+as one [GROUP_PAD >= 16, D] tile and reads each K/V tile of its token range ONCE for all of
+them (tl.dot needs >= 16 rows, so small groups are padded). A second kernel merges the splits
+through their log-sum-exp. Sizing uses only the static `max_seq_len` bound; actual lengths
+stay on the device and programs past a sequence's end exit at once, so no host sync and CUDA
+graphs stay valid.
+
+    tokens of one sequence: |--split 0--|--split 1--|--split 2--|  (chunk = k * BLOCK_N)
+                            ^ program (seq, kvh, 0) reads K/V once for `group` query heads
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_MAX_SPLITS = 128
+
+
+@triton.jit
+def _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, s_slot, s_tok, PAGE: tl.constexpr,
+                PAGED: tl.constexpr):  # fmt: skip
+    """Element offsets of tokens `offs` relative to the sequence's base (int64)."""
+    if PAGED:
+        blk = tl.load(bt_ptr + seq * sbt_b + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+        return blk * s_slot + (offs % PAGE).to(tl.int64) * s_tok
+    else:
+        return offs.to(tl.int64) * s_tok
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, slot_ptr, bt_ptr, lens_ptr, o_ptr, mo_ptr, ml_ptr,
+    sq_b, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sbt_b, so_b, so_h,
+    smo_b, smo_h, smo_s, sml_b, sml_h,
+    qk_scale, chunk,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DIRECT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + seq)
+    start = split * chunk
+    if start >= seq_len:
+        return  # the reduction only reads the splits that hold tokens
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + rows
+    rmask = rows < GROUP
+    q = tl.load(
+        q_ptr + seq * sq_b + heads[:, None] * sq_h + dims[None, :], mask=rmask[:, None], other=0.0
+    )
+    if UPCAST:  # the interpreter computes bf16 as raw integers
+        q = q.to(tl.float32)
+    if PAGED:
+        k_base = k_ptr + kvh * sk_h
+        v_base = v_ptr + kvh * sv_h
+    else:
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        k_base = k_ptr + slot * sk_s + kvh * sk_h
+        v_base = v_ptr + slot * sv_s + kvh * sv_h
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        k_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sk_s, sk_t, PAGE, PAGED)
+        v_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sv_s, sv_t, PAGE, PAGED)
+        k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=nmask[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [G, N], log2 units
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    if DIRECT:
+        out = acc / l_i[:, None]
+        tl.store(
+            o_ptr + seq * so_b + heads[:, None] * so_h + dims[None, :],
+            out.to(o_ptr.dtype.element_ty), mask=rmask[:, None],
+        )  # fmt: skip
+    else:
+        tl.store(
+            mo_ptr + seq * smo_b + heads[:, None] * smo_h + split * smo_s + dims[None, :],
+            acc / l_i[:, None], mask=rmask[:, None],
+        )  # fmt: skip
+        tl.store(ml_ptr + seq * sml_b + heads * sml_h + split, m_i + tl.log2(l_i), mask=rmask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    o_ptr, mo_ptr, ml_ptr, lens_ptr, so_b, so_h, smo_b, smo_h, smo_s, sml_b, sml_h, chunk,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + seq)
+    n_valid = (seq_len + chunk - 1) // chunk
+    ml = ml_ptr + seq * sml_b + h * sml_h
+    sp = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(ml + sp, mask=sp < n_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    wsum = tl.sum(tl.where(sp < n_valid, tl.exp2(lse - m), 0.0), 0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    # [SPLIT_TILE, D] tiles keep registers bounded when there are 100+ splits
+    for s0 in range(0, n_valid, SPLIT_TILE):
+        st = s0 + tl.arange(0, SPLIT_TILE)
+        smask = st < n_valid
+        w = tl.where(smask, tl.exp2(tl.load(ml + st, mask=smask, other=0.0) - m), 0.0)
+        o = tl.load(
+            mo_ptr + seq * smo_b + h * smo_h + st[:, None] * smo_s + dims[None, :],
+            mask=smask[:, None], other=0.0,
+        )  # fmt: skip
+        acc += tl.sum(w[:, None] * o, 0)
+    tl.store(o_ptr + seq * so_b + h * so_h + dims, (acc / wsum).to(o_ptr.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # interpreter: as few programs as possible
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(
+    batch: int, kv_heads: int, max_seq_len: int, block_n: int, sms: int
+) -> tuple[int, int]:
+    """(num_splits, chunk): ~4 programs per SM, >= 4 tiles per split. H200 split sweep
+    (bf16, 8 kv heads): batch 1 x 8K best at 32 splits, batch 1 x 32K at 32-64, batch 4 x 8K at
+    16; 8 programs per SM with >= 2 tiles per split was 5-15% slower at batch 1 and 64."""
+    tiles = max(1, math.ceil(max_seq_len / block_n))
+    want = math.ceil(4 * sms / max(1, batch * kv_heads))
+    splits = max(1, min(want, tiles // 4, _MAX_SPLITS))
+    chunk = math.ceil(tiles / splits) * block_n
+    return math.ceil(max_seq_len / chunk), chunk
+
+
+def decode_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    slot_ids: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """q: [b, Hq, d]; caches [slots|blocks, tokens, Hkv, d]; exactly one of slot_ids /
+    block_table. Returns o: [b, Hq, d] in q's dtype. The tuning kwargs are for benchmarks."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    group = hq // hkv
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"triton decode needs a power-of-two head_dim >= 16, got {d}")
+    if (slot_ids is None) == (block_table is None):
+        raise ValueError("pass exactly one of slot_ids (virtual) or block_table (paged)")
+    o = torch.empty_like(q)
+    if b == 0:
+        return o
+    interp = not q.is_cuda
+    block_n = block_n or (64 if d <= 128 else 32)
+    if num_splits is None:
+        splits, chunk = plan_splits(b, hkv, max_seq_len, block_n, _num_sms(q.device))
+    else:
+        tiles = max(1, math.ceil(max_seq_len / block_n))
+        chunk = math.ceil(tiles / max(1, num_splits)) * block_n
+        splits = math.ceil(max_seq_len / chunk)
+    direct = splits == 1
+    if direct:
+        mo = ml = o  # unused
+        smo = (0, 0, 0)
+        sml = (0, 0)
+    else:
+        mo = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+        smo = mo.stride()[:3]
+        sml = ml.stride()[:2]
+    paged = block_table is not None
+    bt = block_table if paged else seq_lens
+    slots = slot_ids if not paged else seq_lens
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    _decode_split_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, slots, bt, seq_lens, o, mo, ml,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        bt.stride(0) if paged else 0, o.stride(0), o.stride(1), *smo, *sml,
+        scale * _LOG2E, chunk,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        BLOCK_N=block_n, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
+        UPCAST=interp, PREC=prec, num_warps=num_warps or 4, num_stages=num_stages or 2,
+    )  # fmt: skip
+    if not direct:
+        _decode_reduce_kernel[(b, hq)](
+            o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, chunk,
+            HEAD_DIM=d, SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT_TILE=16,
+            num_warps=4,
+        )  # fmt: skip
+    return o

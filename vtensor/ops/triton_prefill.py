@@ -1,0 +1,157 @@
+"""Prefix-prefill Triton kernel over virtual-contiguous or paged KV.
+
+One program owns (query block, sequence, q head). Its new tokens sit at positions
+prefix + m, so it sees keys [0, prefix + m] (bottom-right causal). Keys below
+prefix + first row of the block are visible to every row: that part runs without masks,
+the diagonal tail with them.
+
+    keys:  |------------- unmasked -------------|--masked--|
+           0                      prefix + m_first    prefix + m_last + 1
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vtensor.ops.triton_decode import _LOG2E, _kv_offsets
+
+
+@triton.jit
+def _prefill_tile(
+    acc, m_i, l_i, q, k_base, v_base, bt_ptr, seq, sbt_b, sk_s, sk_t, sv_s, sv_t, n0, kv_end,
+    q_pos, dims, qk_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs < kv_end
+    k_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sk_s, sk_t, PAGE, PAGED)
+    v_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sv_s, sv_t, PAGE, PAGED)
+    if MASK:
+        k = tl.load(k_base + k_off[:, None] + dims[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_base + v_off[:, None] + dims[None, :], mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + k_off[:, None] + dims[None, :])
+        v = tl.load(v_base + v_off[:, None] + dims[None, :])
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [M, N], log2 units
+    if MASK:
+        ok = (offs[None, :] <= q_pos[:, None]) & nmask[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, bt_ptr, prefix_ptr, cu_ptr,
+    sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sbt_b, so_t, so_h, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, PAGED: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    mblk = tl.program_id(0)
+    seq = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_ptr + seq)
+    q_len = tl.load(cu_ptr + seq + 1) - q_start
+    if mblk * BLOCK_M >= q_len:
+        return
+    prefix = tl.load(prefix_ptr + seq)
+    kvh = h // GROUP
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < q_len
+    dims = tl.arange(0, HEAD_DIM)
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(
+        q_ptr + rows[:, None] * sq_t + h * sq_h + dims[None, :], mask=mmask[:, None], other=0.0
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    if PAGED:
+        k_base = k_ptr + kvh * sk_h
+        v_base = v_ptr + kvh * sv_h
+    else:
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        k_base = k_ptr + slot * sk_s + kvh * sk_h
+        v_base = v_ptr + slot * sv_s + kvh * sv_h
+    q_pos = prefix + offs_m
+    kv_end = prefix + tl.minimum((mblk + 1) * BLOCK_M, q_len)  # keys the last row sees
+    full_end = ((prefix + mblk * BLOCK_M + 1) // BLOCK_N) * BLOCK_N  # seen by every row
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, k_base, v_base, bt_ptr, seq, sbt_b, sk_s, sk_t, sv_s, sv_t, n0,
+            kv_end, q_pos, dims, qk_scale, BLOCK_N, PAGE, PAGED, False, UPCAST, PREC,
+        )  # fmt: skip
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(
+            acc, m_i, l_i, q, k_base, v_base, bt_ptr, seq, sbt_b, sk_s, sk_t, sv_s, sv_t, n0,
+            kv_end, q_pos, dims, qk_scale, BLOCK_N, PAGE, PAGED, True, UPCAST, PREC,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(
+        o_ptr + rows[:, None] * so_t + h * so_h + dims[None, :],
+        out.to(o_ptr.dtype.element_ty), mask=mmask[:, None],
+    )  # fmt: skip
+
+
+def prefill_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    slot_ids: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    prefix_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """q: [n_new, Hq, d] packed by cu_seqlens_q; exactly one of slot_ids / block_table."""
+    n, hq, d = q.shape
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"triton prefill needs a power-of-two head_dim >= 16, got {d}")
+    if (slot_ids is None) == (block_table is None):
+        raise ValueError("pass exactly one of slot_ids (virtual) or block_table (paged)")
+    o = torch.empty_like(q)
+    b = cu_seqlens_q.shape[0] - 1
+    if n == 0 or b == 0 or max_seqlen_q == 0:
+        return o
+    interp = not q.is_cuda
+    if interp:
+        bm, bn, nw, ns = 16, 16, 4, 1
+    elif q.dtype == torch.float32 or d > 128:
+        bm, bn, nw, ns = 64, 32, 4, 2
+    elif block_table is not None:
+        bm, bn, nw, ns = 128, 128, 8, 3  # best of the H200 sweep for the paged layout
+    else:
+        bm, bn, nw, ns = 128, 64, 8, 3
+    bm, bn = block_m or bm, block_n or bn
+    paged = block_table is not None
+    bt = block_table if paged else prefix_lens
+    slots = slot_ids if not paged else prefix_lens
+    grid = (triton.cdiv(max_seqlen_q, bm), b, hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, o, slots, bt, prefix_lens, cu_seqlens_q,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        bt.stride(0) if paged else 0, o.stride(0), o.stride(1), scale * _LOG2E,
+        GROUP=hq // k_cache.shape[2], HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, UPCAST=interp,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps or nw, num_stages=num_stages or ns,
+    )  # fmt: skip
+    return o
