@@ -10,9 +10,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None and not Path(sys.executable).with_name("ruff").exists(),
-                    reason="ruff not installed")
+def _ruff() -> str | None:
+    local = Path(sys.executable).with_name("ruff")
+    return str(local) if local.exists() else shutil.which("ruff")
+
+
+@pytest.mark.skipif(_ruff() is None, reason="ruff not installed")
 def test_ruff_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
-    res = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    res = subprocess.run([_ruff(), "check", str(ROOT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
