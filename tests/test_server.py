@@ -297,9 +297,12 @@ def test_multi_turn_chat_reports_cached_tokens(client):
 
 
 def test_64_concurrent_streams_match_solo(client, url):
-    # 8 prompts of different lengths, each sent 8 times: 64 streams in one continuous batch.
-    prompts = [f"Fact number {i}: the" + " very" * i for i in range(8)]
+    # 64 distinct prompts of different lengths, each run alone first, then all 64 at once as
+    # streams in one continuous batch: every stream must equal its solo greedy text.
+    words = ["sea", "robot", "Paris", "math", "cat", "winter", "music", "moon"]
+    prompts = [f"Fact {i} about the {words[i % 8]}:" + " very" * (i // 8) for i in range(64)]
     solo = [complete(client, p, max_tokens=8).choices[0].text for p in prompts]
+    assert len(set(solo)) > 8  # the prompts really differ
 
     async def one(ac, p):
         text, fr = "", None
@@ -314,14 +317,14 @@ def test_64_concurrent_streams_match_solo(client, url):
     async def main():
         ac = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         try:
-            return await asyncio.gather(*(one(ac, prompts[i % 8]) for i in range(64)))
+            return await asyncio.gather(*(one(ac, p) for p in prompts))
         finally:
             await ac.close()
 
     results = asyncio.run(main())
     for i, (text, fr) in enumerate(results):
         assert fr in ("stop", "length")
-        assert text == solo[i % 8], f"request {i}"
+        assert text == solo[i], f"request {i}: {prompts[i]!r}"
 
 
 # ----------------------------------------------------------------------------- cancellation
