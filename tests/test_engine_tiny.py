@@ -98,3 +98,40 @@ def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
     assert buf[:, 3].tolist() == runner._pad_col.tolist()
     eng.kv_cache.free(pad.slot)
     llm.close()
+
+
+def test_idle_server_engine_gives_free_pages_back(checkpoint):
+    """Elastic KV: after the work is done and nothing is allocated for kv_idle_trim_s, the idle
+    AsyncLLM thread hands the pool's free pages back (physical bytes drop, pages trimmed)."""
+    import asyncio
+    import time
+
+    from vtensor.engine import AsyncLLM, LLMEngine
+
+    path, _, prompts, refs = checkpoint
+    eng = LLMEngine(model=path, device="cpu", dtype="float32", max_model_len=128,
+                    page_size=4096, kv_idle_trim_s=0.3, enable_prefix_cache=False)  # fmt: skip
+    allm = AsyncLLM(engine=eng)
+    allm.idle_poll_s = 0.05
+
+    async def run(i):
+        last = None
+        async for out in allm.generate(prompts[i], greedy(NEW), request_id=str(i)):
+            last = out
+        return last.outputs[0].token_ids
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(run(i) for i in range(4))), 60)
+
+    try:
+        got = asyncio.run(main())
+        assert got == refs
+        kv = eng.kv_cache
+        deadline = time.monotonic() + 10
+        while kv.stats["trimmed_pages"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        snap = kv.snapshot()
+        assert kv.stats["trimmed_pages"] > 0, snap
+        assert snap["pages_free"] == 0 and snap["bytes_physical"] < snap["pages_created"] * 4096
+    finally:
+        allm.shutdown()

@@ -49,6 +49,7 @@ class AsyncLLM:
         self._stats: dict = self.engine.stats()
         self._ttft: deque[float] = deque(maxlen=2048)
         self._tpot: deque[float] = deque(maxlen=2048)
+        self.idle_poll_s = 1.0  # how often the idle engine thread checks for idle KV pages
         self._thread = threading.Thread(target=self._loop, name="vtensor-engine", daemon=True)
         self._thread.start()
 
@@ -120,7 +121,9 @@ class AsyncLLM:
                     while not (self._stop or self._new or self._aborts
                                or eng.has_unfinished_requests()):  # fmt: skip
                         self._stats = eng.stats()
-                        self._cv.wait()
+                        # wake now and then while idle so idle KV pages can be trimmed
+                        if not self._cv.wait(timeout=self.idle_poll_s):
+                            eng.on_idle()
                     if self._stop:
                         return
                     new, self._new = self._new, []

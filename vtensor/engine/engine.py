@@ -66,6 +66,7 @@ class EngineArgs:
     block_size: int = 16  # paged KV
     attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)
     async_map: bool = True
+    kv_idle_trim_s: float | None = 30.0  # idle free KV pages go back to the driver after this
     seed: int = 0  # dummy weights
     config_overrides: dict | None = None
     debug: bool = False  # check KV integrity whenever the engine goes idle
@@ -150,7 +151,7 @@ class LLMEngine:
             self.kv_cache = KVCache(
                 spec, backend=backend, max_tokens=self.max_model_len, num_slots=num_slots,
                 budget_bytes=budget, enable_prefix_cache=args.enable_prefix_cache,
-                async_map=args.async_map,
+                async_map=args.async_map, idle_trim_seconds=args.kv_idle_trim_s,
             )  # fmt: skip
         tokens = args.max_num_batched_tokens or (8192 if cuda else 2048)
         self.scheduler = Scheduler(
@@ -232,6 +233,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._pending or self.scheduler.failed)
+
+    def on_idle(self) -> int:
+        """Called while nothing runs: free KV pages idle for kv_idle_trim_s go back to the
+        driver (virtual KV only; a paged pool is preallocated). Returns pages trimmed."""
+        trim = getattr(self.kv_cache, "maybe_trim", None)
+        return trim() if trim is not None else 0
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)

@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--kv-memory", default=None, help="KV budget (engine's format, e.g. 4GiB)")
     eng.add_argument("--max-num-seqs", type=int, default=None)
     eng.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy")
+    eng.add_argument(
+        "--kv-idle-trim",
+        dest="kv_idle_trim_s",
+        type=float,
+        default=None,
+        help="seconds idle before free KV pages go back to the driver (default 30)",
+    )
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -63,7 +70,7 @@ def engine_args(args: argparse.Namespace) -> Any:
     from vtensor.engine import EngineArgs
 
     kw: dict[str, Any] = dict(model=args.model, dtype=args.dtype, device=args.device, kv=args.kv)
-    for name in ("max_model_len", "kv_memory", "max_num_seqs"):
+    for name in ("max_model_len", "kv_memory", "max_num_seqs", "kv_idle_trim_s"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if args.load_format != "auto":
