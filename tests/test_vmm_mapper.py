@@ -103,7 +103,7 @@ def test_close_drains_queue():
         m.submit(lambda: None)
 
 
-def test_deferred_unmap_waits_for_event_and_blocks_reuse(env):
+def test_deferred_unmap_waits_for_event_but_not_maps_elsewhere(env):
     b, pool, m = env
     a = VirtualTensor(pool, 2 * PAGE, mapper=m)
     c = VirtualTensor(pool, 2 * PAGE, mapper=m)
@@ -114,20 +114,51 @@ def test_deferred_unmap_waits_for_event_and_blocks_reuse(env):
     ev = FakeEvent()
     t_unmap = a.unmap(0, 1, after=ev)  # a "kernel" still reads page 0 until ev fires
     assert not a.is_mapped(0) and page.refcount == 0  # bookkeeping: already returned
-    t_map = c.map(0, 1)  # LIFO: gets the very same physical page
+    t_map = c.map(0, 1)  # LIFO: gets the very same physical page, at another address
     assert c.page(0) is page
-    time.sleep(0.02)
-    assert not t_unmap.done() and not t_map.done()
-    assert b.stats()["mapped_pages"] == 1  # the driver still maps it under `a` only
+    t_map.wait()  # the new owner's map does not wait for the old owner's event
+    assert not t_unmap.done() and not ev.synced
+    assert b.stats()["mapped_pages"] == 2  # aliased at both addresses for now
     assert torch.equal(av, torch.arange(PAGE // 8))  # the in-flight reader still sees its data
-    ev.fire()
-    t_map.wait()
-    assert ev.synced and t_unmap.done()  # the unmap ran first, then the new owner's map
-    assert b.stats()["mapped_pages"] == 1
     cv = c.view(torch.int64, (PAGE // 8,))
     assert torch.equal(cv, torch.arange(PAGE // 8))  # same physical page, same bytes
+    ev.fire()
+    t_unmap.wait()
+    assert ev.synced and b.stats()["mapped_pages"] == 1
     a.close()
     c.close()
+    pool.close()
+
+
+def test_map_at_an_address_waits_for_its_pending_unmap(env):
+    b, pool, m = env
+    a = VirtualTensor(pool, 2 * PAGE, mapper=m)
+    a.map(0, 2).wait()
+    ev = FakeEvent()
+    t_unmap = a.unmap(0, 1, after=ev)
+    t_map = a.map(0, 1)  # same address: must come after the unmap, hence after the event
+    time.sleep(0.05)
+    assert not t_unmap.done() and not t_map.done()
+    ev.fire()
+    t_map.wait()
+    assert t_unmap.done() and a.is_mapped(0) and b.stats()["mapped_pages"] == 2
+    v = a.view(torch.int64, (2 * PAGE // 8,))
+    v.fill_(7)  # both pages really mapped (a late unmap would make this fault)
+    m.flush()
+    assert int(v.sum()) == 7 * (2 * PAGE // 8)
+    a.close()
+    pool.close()
+
+
+def test_close_runs_pending_lazy_unmaps_first(env):
+    b, pool, m = env
+    a = VirtualTensor(pool, 4 * PAGE, mapper=m)
+    a.map(0, 4).wait()
+    ev = FakeEvent()
+    a.unmap(1, 3, after=ev)
+    threading.Timer(0.05, ev.fire).start()
+    a.close()
+    assert ev.synced and b.stats()["mapped_pages"] == 0
     pool.close()
 
 

@@ -145,7 +145,9 @@ class KVCache:
         self._scratch = VirtualTensor(self.pool, ps, self.mapper)
         self.tree = RadixTree(layout.chunk_end)
         self._slots = [_Slot(i) for i in range(num_slots)]
-        self._free_slots = list(range(num_slots - 1, -1, -1))  # stack, slot 0 on top
+        # pop() takes the end: slot 0 first, then the slot freed longest ago (a freed slot's
+        # lazy unmaps then have time to run before its addresses are mapped again)
+        self._free_slots = list(range(num_slots - 1, -1, -1))
         self._parked: OrderedDict[int, None] = OrderedDict()  # LRU first
         self._parked_private = 0
         self._required: list[Ticket] = []  # map work the next step needs
@@ -462,7 +464,7 @@ class KVCache:
         s.mapped = s.tree_mapped = s.num_tokens = s.parked_private = 0
         s.path, s.tokens, s.swap_pages = [], [], []
         s.pending, s.swap_buf = None, None
-        self._free_slots.append(s.index)
+        self._free_slots.insert(0, s.index)
 
     def _private_pages(self, s: _Slot) -> list[int]:
         out = []

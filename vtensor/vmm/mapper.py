@@ -1,18 +1,24 @@
-"""Mapper: one daemon thread that runs driver work (map/unmap) in FIFO order.
+"""Mapper: one daemon thread that runs driver work (map/unmap) off the caller's thread.
 
 Callers change bookkeeping synchronously and submit only the driver calls, so they never block
-on cuMemSetAccess (~40-47 us per 2 MiB page on the H200) or cuMemUnmap (~31 us). FIFO order is
-what makes deferred reclamation safe: an unmap that waits for a CUDA event is queued before any
-later map of the same physical page elsewhere, so the page is never reused before the event.
+on cuMemSetAccess (~40-47 us per 2 MiB page on the H200) or cuMemUnmap (~31 us).
+
+Two lanes, each FIFO: urgent work (maps the next step needs) always runs first; lazy work
+(unmaps of released pages, each behind a CUDA event recorded after their last reader) runs when
+no urgent work waits, so a step never waits for unmaps or for the GPU to reach those events.
+Why reusing a page before its old mapping is gone is safe: a physical page may be mapped at two
+addresses at once, and the new owner's kernels are queued on the same stream after the old
+readers. What must still be ordered, a map at an address whose unmap is pending, the caller
+says with `run_now` (VirtualTensor does it per page).
 
 An exception raised by queued work surfaces at its Ticket.wait() and once at the next submit().
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from vtensor.vmm.errors import VmmError
@@ -50,8 +56,11 @@ class Ticket:
 
 class Mapper:
     def __init__(self, name: str = "vtensor-mapper") -> None:
-        self._q: queue.SimpleQueue[tuple[Callable[[], None], Ticket] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._urgent: deque[tuple[Callable[[], None], Ticket]] = deque()
+        self._lazy: deque[tuple[Callable[[], None], Ticket]] = deque()
+        self._stopping = False
         self._error: BaseException | None = None
         self._closed = False
         self.wait_seconds = 0.0  # total time callers spent blocked in Ticket.wait()
@@ -61,25 +70,43 @@ class Mapper:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None]) -> Ticket:
+    def submit(self, fn: Callable[[], None], lazy: bool = False) -> Ticket:
+        """Queue fn; `lazy` work runs only while no urgent work waits (see the module doc)."""
         if self._closed:
             raise VmmError("Mapper is closed")
         with self._lock:
             err, self._error = self._error, None
         if err is not None:
             raise VmmError(f"earlier mapper work failed: {err!r}") from err
+        return self._enqueue(fn, lazy)
+
+    def _enqueue(self, fn: Callable[[], None], lazy: bool) -> Ticket:
         t = Ticket(self)
-        self.submitted += 1
-        self._q.put((fn, t))
+        with self._cv:
+            self.submitted += 1
+            (self._lazy if lazy else self._urgent).append((fn, t))
+            self._cv.notify()
         return t
 
+    def run_now(self, ticket: Ticket) -> None:
+        """From work running on the mapper thread: run lazy `ticket` first if it has not run
+        (e.g. the unmap of an address that this work maps again)."""
+        if ticket.done():
+            return
+        with self._cv:
+            item = next((it for it in self._lazy if it[1] is ticket), None)
+            if item is not None:
+                self._lazy.remove(item)
+        if item is not None:
+            self._execute(*item)
+
     def flush(self) -> None:
-        """Wait until everything submitted so far has run (errors stay with their tickets)."""
+        """Wait until everything submitted so far, lazy work included, has run (errors stay
+        with their tickets)."""
         if self._closed:
             return
-        t = Ticket(self)
-        self._q.put((lambda: None, t))
-        t.wait()
+        # the lazy lane runs only once the urgent one is empty, and in order
+        self._enqueue(lambda: None, lazy=True).wait()
 
     def pending(self) -> int:
         return self.submitted - self.executed
@@ -90,28 +117,38 @@ class Mapper:
 
     def _loop(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fn, ticket = item
-            t0 = time.perf_counter()
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                ticket._error = e
-                with self._lock:
-                    self._error = e
-            finally:
-                self.busy_seconds += time.perf_counter() - t0
-                self.executed += 1
-                ticket._done.set()
+            with self._cv:
+                while not (self._urgent or self._lazy or self._stopping):
+                    self._cv.wait()
+                if self._urgent:
+                    item = self._urgent.popleft()
+                elif self._lazy:
+                    item = self._lazy.popleft()
+                else:
+                    return  # stopping, and everything ran
+            self._execute(*item)
+
+    def _execute(self, fn: Callable[[], None], ticket: Ticket) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+            ticket._error = e
+            with self._lock:
+                self._error = e
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
+            self.executed += 1
+            ticket._done.set()
 
     def close(self) -> None:
         """Drain the queue (all submitted work runs), then stop the thread."""
         if self._closed:
             return
         self._closed = True
-        self._q.put(None)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         self._thread.join()
 
     def __enter__(self) -> Mapper:

@@ -23,7 +23,11 @@ from vtensor.vmm.pool import PagePool, PhysPage
 
 
 class VirtualTensor:
-    def __init__(self, pool: PagePool, nbytes: int, mapper: Mapper | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, nbytes: int, mapper: Mapper | None = None, lazy_unmap: bool = True
+    ) -> None:
+        """`lazy_unmap`: unmaps go to the mapper's lazy lane (they never delay later maps);
+        a later map of the same page index first runs the pending unmap there."""
         if nbytes <= 0:
             raise ValueError(f"nbytes={nbytes} must be positive")
         self.pool = pool
@@ -41,6 +45,8 @@ class VirtualTensor:
             self.backend.free_reservation(self.addr, self.nbytes)
             raise
         self._pages: list[PhysPage | None] = [None] * self.num_pages
+        self._unmapping: dict[int, Ticket] = {}  # page index -> its lazy unmap, maybe not run
+        self.lazy_unmap = lazy_unmap and mapper is not None
         self._num_mapped = 0
         self._closed = False
         if mapper is not None:
@@ -111,11 +117,35 @@ class VirtualTensor:
             [p.handle for p in pages],
             self.backend,
         )
-        return self._run(lambda: backend.map_range(addr, handles))
+        before = self._pending_unmaps(first, first + len(pages))
+        if not before:
+            return self._run(lambda: backend.map_range(addr, handles))
+        mapper = self.mapper
+        assert mapper is not None
 
-    def unmap(self, first: int, last: int, after: object | None = None) -> Ticket:
+        def work() -> None:
+            for t in before:  # the old mapping of these addresses goes first
+                mapper.run_now(t)
+            backend.map_range(addr, handles)
+
+        return self._run(work)
+
+    def _pending_unmaps(self, first: int, last: int) -> list[Ticket]:
+        if not self._unmapping:
+            return []
+        out: dict[int, Ticket] = {}
+        for i in range(first, last):
+            t = self._unmapping.pop(i, None)
+            if t is not None and not t.done():
+                out[id(t)] = t
+        return list(out.values())
+
+    def unmap(
+        self, first: int, last: int, after: object | None = None, lazy: bool | None = None
+    ) -> Ticket:
         """Unmap pages [first, last) and decref them. With `after` (a CUDA event recorded
-        after the last kernel using them) the driver unmap first waits for that event."""
+        after the last kernel using them) the driver unmap first waits for that event.
+        `lazy` (default: the tensor's lazy_unmap): queue it on the mapper's lazy lane."""
         self._check_range(first, last)
         for i in range(first, last):
             if self._pages[i] is None:
@@ -135,7 +165,12 @@ class VirtualTensor:
             for a in addrs:
                 backend.unmap(a)
 
-        return self._run(work)
+        lazy = self.lazy_unmap if lazy is None else lazy and self.mapper is not None
+        ticket = self._run(work, lazy=lazy)
+        if lazy:
+            for i in range(first, last):
+                self._unmapping[i] = ticket
+        return ticket
 
     def ensure_mapped(self, start_byte: int, end_byte: int) -> Ticket:
         """Map every still-unmapped page under bytes [start_byte, end_byte)."""
@@ -182,19 +217,27 @@ class VirtualTensor:
             i = j
         last = Ticket.completed()
         for a, b in runs:
-            last = self.unmap(a, b, after=after)
+            last = self.unmap(a, b, after=after, lazy=False)  # before the free below
         self._closed = True
         self._base = None  # type: ignore[assignment]
         backend, addr, nbytes = self.backend, self.addr, self.nbytes
-        last = self._run(lambda: backend.free_reservation(addr, nbytes))
+        before, mapper = self._pending_unmaps(0, self.num_pages), self.mapper
+
+        def free() -> None:
+            for t in before:  # lazy unmaps of this range still queued: they go first
+                assert mapper is not None
+                mapper.run_now(t)
+            backend.free_reservation(addr, nbytes)
+
+        last = self._run(free)
         last.wait()
 
     # ---- helpers ----
-    def _run(self, fn: Callable[[], None]) -> Ticket:
+    def _run(self, fn: Callable[[], None], lazy: bool = False) -> Ticket:
         if self.mapper is None:
             fn()
             return Ticket.completed()
-        return self.mapper.submit(fn)
+        return self.mapper.submit(fn, lazy=lazy)
 
     def _check_open(self) -> None:
         if self._closed:
