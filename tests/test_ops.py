@@ -245,3 +245,31 @@ def test_triton_decode_many_splits():
         decode_triton, st.qd, st.kc, st.vc, slot_ids=st.slots, block_table=None, block_n=16, **kw
     )
     _check(o, st.decode_ref(), torch.float32)
+
+
+def test_reference_decode_ignores_nan_past_the_lengths():
+    """The CPU engine path: cache rows past each sequence's length hold arbitrary memory (a
+    preallocated paged pool is torch.empty); NaN there must not reach the output."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, d, bs, lens = 3, 4, 2, 16, 4, [5, 1, 11]
+    n_max = 12
+    k = torch.randn(b, n_max, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, n_max, hkv, d, generator=g, dtype=torch.float64)
+    for i, n in enumerate(lens):
+        k[i, n:], v[i, n:] = float("nan"), float("nan")
+    q = torch.randn(b, hq, d, generator=g, dtype=torch.float64)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    want = torch.stack([
+        _naive(q[i : i + 1], k[i, :n], v[i, :n], n - 1, d**-0.5)[0] for i, n in enumerate(lens)
+    ])  # fmt: skip
+    got = ops.decode_attention(q, k, v, slot_ids=torch.arange(b, dtype=torch.int32),
+                               seq_lens=seq_lens, max_seq_len=n_max, scale=d**-0.5)  # fmt: skip
+    assert torch.allclose(got, want, atol=1e-10)
+    blocks_k = k.reshape(b * n_max // bs, bs, hkv, d)  # sequence i owns blocks 3i..3i+2
+    blocks_v = v.reshape(b * n_max // bs, bs, hkv, d)
+    table = torch.arange(b * n_max // bs, dtype=torch.int32).view(b, n_max // bs)
+    got = paged.paged_decode_attention(
+        q, blocks_k, blocks_v, block_table=table, seq_lens=seq_lens, max_seq_len=n_max,
+        scale=d**-0.5,
+    )  # fmt: skip
+    assert torch.allclose(got, want, atol=1e-10)

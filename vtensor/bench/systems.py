@@ -228,7 +228,7 @@ class EngineSystem:
         times."""
         eng = self.engine
         ids = []
-        t0 = time.perf_counter()
+        t0_mono = time.monotonic()  # Sequence times are monotonic
         for p, m in zip(prompts, max_tokens, strict=True):
             rid = f"b{self._next_id}"
             self._next_id += 1
@@ -249,13 +249,14 @@ class EngineSystem:
                 while eng.has_unfinished_requests():  # collect the abort records
                     eng.step()
                 break
-            for o in eng.step():
+            for o in eng.step(finished_only=True):  # first-token times come from metrics
                 i = index.get(o.request_id)
                 if i is None:
                     continue
                 c = o.outputs[0]
-                if first[i] is None and len(c.token_ids) > 0:
-                    first[i] = time.perf_counter() - t0
+                t_first = (o.metrics or {}).get("first_token")
+                if first[i] is None and t_first is not None:
+                    first[i] = t_first - t0_mono
                 if o.finished:
                     out_ids[i] = list(c.token_ids)
                     cached[i] = int(o.num_cached_tokens or 0)

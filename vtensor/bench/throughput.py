@@ -88,7 +88,7 @@ def run_engine(kv: str, args, prompts, max_tokens, dev, preloaded=None) -> dict:
                 complete = False
                 for i in range(len(prompts)):
                     eng.abort_request(f"{kv}-{i}")
-            for o in eng.step():
+            for o in eng.step(finished_only=True):
                 if o.finished:
                     out_ids[o.request_id] = o.outputs[0].token_ids
                     bar.update(1)

@@ -246,7 +246,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduled batch. Returns a RequestOutput per request that got a token (only the
+        finished ones with `finished_only`: offline callers skip building the rest)."""
         batch = self.scheduler.schedule()
         done = self._pending + self.scheduler.failed
         self._pending, self.scheduler.failed = [], []
@@ -288,7 +290,8 @@ class LLMEngine:
                     seq.logprobs.append(entry)
                     seq.cumulative_logprob += lps[j]
                 self._append(seq, tok, now)
-                outputs.append(self._output(seq))
+                if not finished_only or seq.status == Status.FINISHED:
+                    outputs.append(self._output(seq))
         self.scheduler.remove_finished()
         if self.args.debug and not self.requests:
             self.kv_cache.check_integrity()

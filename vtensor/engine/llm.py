@@ -105,7 +105,7 @@ class LLM:
         try:
             remaining = len(ids)
             while remaining:
-                for out in eng.step():
+                for out in eng.step(finished_only=True):
                     i = index.get(out.request_id)
                     if i is None or not out.finished:
                         continue

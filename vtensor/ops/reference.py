@@ -82,8 +82,12 @@ def _decode_batched(
 ) -> torch.Tensor:
     """q: [b, Hq, d]; k, v: [b, n, Hkv, d] padded to the longest sequence."""
     n = k.shape[1]
-    mask = torch.arange(n, device=q.device).unsqueeze(0) < seq_lens.to(q.device).unsqueeze(1)
-    mask = mask[:, None, None, :]  # [b, 1, 1, n]
+    valid = torch.arange(n, device=q.device).unsqueeze(0) < seq_lens.to(q.device).unsqueeze(1)
+    # Rows past a sequence's length hold whatever the memory held (a NaN there would survive
+    # its zero attention weight: 0 * NaN = NaN), so zero them rather than only mask them.
+    k = k.masked_fill(~valid[:, :, None, None], 0)
+    v = v.masked_fill(~valid[:, :, None, None], 0)
+    mask = valid[:, None, None, :]  # [b, 1, 1, n]
     o = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask, causal=False)
     return o[:, :, 0].to(q.dtype)
 
