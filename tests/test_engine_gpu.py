@@ -15,30 +15,61 @@ pytestmark = pytest.mark.gpu
 
 
 def test_bf16_embedded_agrees_with_hf_teacher_forced(default_gguf_path):
-    """16 prompts x 64 positions: the engine's greedy token for prompt + HF's first j tokens
-    equals HF's token j at >= 99% of positions. All 1024 requests run as one batch, so this
-    also exercises heavy prefix sharing (each request extends another's prompt)."""
+    """16 prompts x 64 positions under teacher forcing (the forced tokens: HF fp32 greedy), on
+    the same dequantized weights. The engine (bf16) must pick HF fp32's top-1 token at >= 99%
+    of the positions that bf16 can decide (fp32 top-2 margin >= 0.5 logit), and be at least as
+    close to fp32 overall as HF's own bf16 forward.
+
+    Why not ">= 99% equal to HF bf16" alone: two bf16 runs flip near-ties. On this model (CPU
+    study, 1024 positions) HF bf16 with its KV cache agreed with HF bf16's one-shot forward at
+    only 97.75%; every engine/HF disagreement had an fp32 margin < 0.24, and 152 of the 1024
+    positions have margins < 0.25. The strict bf16-vs-bf16 rate is still measured and printed
+    (H200, 2026-11-29: 0.9883). All 1024 requests run as one batch, so this also exercises
+    heavy prefix sharing (each request extends another's prompt)."""
     pytest.importorskip("gguf")
     from transformers import AutoModelForCausalLM
 
     from vtensor.engine import LLM, SamplingParams
 
     folder, name = os.path.split(default_gguf_path)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-    hf = hf.to("cuda").eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    hf32 = hf32.to("cuda").eval()
     llm = LLM(dtype="bfloat16", device="cuda", max_model_len=512, kv_memory=0.3)
     tok = llm.tokenizer
     topics = ["the ocean", "a robot", "Paris", "mathematics", "a cat", "winter", "music",
               "the moon", "coffee", "a library", "trains", "volcanoes", "chess", "rain",
               "bees", "a lighthouse"]  # fmt: skip
     prompts = [tok.encode(f"Write a short story about {t}.") for t in topics]
-    refs = [hf_greedy(hf, p, 64) for p in prompts]  # HF's argmax at each position
+    torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+    refs = [hf_greedy(hf32, p, 64) for p in prompts]
+
+    def teacher_forced_logits(model) -> torch.Tensor:  # [16 * 64, vocab], fp32
+        rows = []
+        with torch.no_grad():
+            for p, r in zip(prompts, refs, strict=True):
+                ids = torch.tensor([p + r[:-1]], device="cuda")
+                rows.append(model(ids).logits[0, len(p) - 1 :].float())
+        return torch.cat(rows)
+
+    l32 = teacher_forced_logits(hf32)
+    top2 = l32.topk(2, dim=-1)
+    want, margin = top2.indices[:, 0], top2.values[:, 0] - top2.values[:, 1]
+    hf16 = hf32.to(torch.bfloat16)
+    got_hf16 = teacher_forced_logits(hf16).argmax(-1)
     forced = [p + r[:j] for p, r in zip(prompts, refs, strict=True) for j in range(64)]
-    want = [r[j] for r in refs for j in range(64)]
     outs = llm.generate(forced, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    got = [o.outputs[0].token_ids[0] for o in outs]
-    agree = sum(g == w for g, w in zip(got, want, strict=True)) / len(want)
-    assert agree >= 0.99, f"top-1 agreement {agree:.4f}"
+    got = torch.tensor([o.outputs[0].token_ids[0] for o in outs], device="cuda")
+    decidable = margin >= 0.5
+    ours_decidable = (got == want)[decidable].float().mean().item()
+    ours_all = (got == want).float().mean().item()
+    hf16_all = (got_hf16 == want).float().mean().item()
+    vs_hf16 = (got == got_hf16).float().mean().item()
+    msg = (f"vs fp32 on {int(decidable.sum())} decidable positions {ours_decidable:.4f}; "
+           f"vs fp32 overall: ours {ours_all:.4f}, HF bf16 {hf16_all:.4f}; "
+           f"ours vs HF bf16 {vs_hf16:.4f}")  # fmt: skip
+    print(msg)
+    assert ours_decidable >= 0.99, msg
+    assert ours_all >= hf16_all - 0.01, msg
     assert sum(o.num_cached_tokens for o in outs) > 0
     llm.llm_engine.kv_cache.check_integrity()
     llm.close()
