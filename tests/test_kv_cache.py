@@ -562,3 +562,58 @@ def test_same_prefix_computed_twice_keeps_a_private_duplicate():
     assert d.slot == b.index and d.num_cached_tokens == len(longer)
     assert_kv(cache, d.slot, longer, len(longer))
     close_and_check(cache)
+
+
+def test_ensure_fast_path_matches_the_general_path():
+    """ensure()'s fast path (pages through n + lookahead mapped) must leave exactly the state
+    the general path leaves: random growth, lookahead, budget pressure and releases, run on two
+    caches, one with the fast path switched off."""
+    import random
+
+    rng = random.Random(7)
+    caches = [make_cache(_host_backend, pages=24, async_map=False) for _ in range(2)]
+    caches[1]._tip = [-1] * len(caches[1]._tip)  # never fast
+    general = [0, 0]  # ensure() calls that took the general path, per cache
+    for i, c in enumerate(caches):
+        slow = c._slot
+
+        def counted(*a, i=i, slow=slow):
+            general[i] += 1
+            return slow(*a)
+
+        c._slot = counted
+    tpp = HOST_PAGE // HOST_SPEC.bytes_per_token
+    live: dict[int, int] = {}
+    for step in range(400):
+        op = rng.random()
+        if op < 0.1 and len(live) < 4:
+            n = rng.randrange(1, 3 * tpp)
+            ids = [rng.randrange(50) for _ in range(n)]
+            allocs = [c.acquire(f"r{step}", ids) for c in caches]
+            assert (allocs[0] is None) == (allocs[1] is None)
+            if allocs[0] is not None:
+                assert allocs[0].slot == allocs[1].slot
+                live[allocs[0].slot] = n
+        elif op < 0.2 and live:
+            slot = rng.choice(sorted(live))
+            for c in caches:
+                c.free(slot)
+            del live[slot]
+        elif live:
+            slot = rng.choice(sorted(live))
+            n = min(live[slot] + rng.choice([1, 1, 1, 2, tpp // 2, tpp]), 10 * tpp)
+            oks = [c.ensure(slot, n) for c in caches]
+            assert oks[0] == oks[1]
+            if oks[0]:
+                live[slot] = n
+        for c in caches:
+            c.wait_ready()
+        a, b = (c.snapshot() for c in caches)
+        assert a == b, step
+        assert [(s.mapped, s.num_tokens, s.pending_first) for s in caches[0]._slots] == [
+            (s.mapped, s.num_tokens, s.pending_first) for s in caches[1]._slots
+        ]
+    for c in caches:
+        c.check_integrity()
+        c.close()
+    assert general[0] < general[1]  # the fast path did run

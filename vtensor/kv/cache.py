@@ -121,6 +121,10 @@ class KVCache:
         self.lookahead_tokens = tpp if lookahead_tokens is None else int(lookahead_tokens)
         if self.lookahead_tokens < 0:
             raise KVConfigError(f"lookahead_tokens={lookahead_tokens} must be >= 0")
+        # ensure()'s fast path: tokens fully inside slot pages [0, m), for every m
+        pps = layout.pages_per_slot
+        self._tip = [layout.tokens_in_pages(m) for m in range(pps)]
+        self._tip.append(self.max_tokens + self.lookahead_tokens)  # whole slot mapped
         self.idle_trim_seconds = idle_trim_seconds
         self.budget_bytes = resolve_budget(budget_bytes, backend, host_budget_base)
         self.pool = PagePool(backend, self.budget_bytes, grow_batch=grow_batch)
@@ -361,6 +365,19 @@ class KVCache:
         self.stats["copy_bytes"] += nbytes
 
     def ensure(self, slot: int, num_tokens: int) -> bool:
+        # fast path (most decode steps): the pages through num_tokens + lookahead are mapped and
+        # no pending lookahead work is needed yet; the general case below gives the same result
+        s = self._slots[slot] if 0 <= slot < self.num_slots else None
+        if (
+            s is not None
+            and s.state is SlotState.ACTIVE
+            and num_tokens >= 0
+            and num_tokens + self.lookahead_tokens <= self._tip[s.mapped]
+            and (s.pending is None or num_tokens <= self._tip[s.pending_first])
+        ):
+            if num_tokens > s.num_tokens:
+                s.num_tokens = num_tokens
+            return True
         s = self._slot(slot, SlotState.ACTIVE)
         if not 0 <= num_tokens <= self.max_tokens:
             raise ValueError(f"num_tokens={num_tokens} outside [0, {self.max_tokens}]")
