@@ -572,7 +572,7 @@ def test_ensure_fast_path_matches_the_general_path():
 
     rng = random.Random(7)
     caches = [make_cache(_host_backend, pages=24, async_map=False) for _ in range(2)]
-    caches[1]._tip = [-1] * len(caches[1]._tip)  # never fast
+    caches[1]._fast_limit = lambda pages: -1  # never fast
     general = [0, 0]  # ensure() calls that took the general path, per cache
     for i, c in enumerate(caches):
         slow = c._slot

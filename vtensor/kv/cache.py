@@ -121,10 +121,6 @@ class KVCache:
         self.lookahead_tokens = tpp if lookahead_tokens is None else int(lookahead_tokens)
         if self.lookahead_tokens < 0:
             raise KVConfigError(f"lookahead_tokens={lookahead_tokens} must be >= 0")
-        # ensure()'s fast path: tokens fully inside slot pages [0, m), for every m
-        pps = layout.pages_per_slot
-        self._tip = [layout.tokens_in_pages(m) for m in range(pps)]
-        self._tip.append(self.max_tokens + self.lookahead_tokens)  # whole slot mapped
         self.idle_trim_seconds = idle_trim_seconds
         self.budget_bytes = resolve_budget(budget_bytes, backend, host_budget_base)
         self.pool = PagePool(backend, self.budget_bytes, grow_batch=grow_batch)
@@ -372,8 +368,8 @@ class KVCache:
             s is not None
             and s.state is SlotState.ACTIVE
             and num_tokens >= 0
-            and num_tokens + self.lookahead_tokens <= self._tip[s.mapped]
-            and (s.pending is None or num_tokens <= self._tip[s.pending_first])
+            and num_tokens + self.lookahead_tokens <= self._fast_limit(s.mapped)
+            and (s.pending is None or num_tokens <= self._fast_limit(s.pending_first))
         ):
             if num_tokens > s.num_tokens:
                 s.num_tokens = num_tokens
@@ -403,6 +399,12 @@ class KVCache:
             s.pending, s.mapped = t, want
         s.num_tokens = max(s.num_tokens, num_tokens)
         return True
+
+    def _fast_limit(self, pages: int) -> int:
+        """Tokens fully inside slot pages [0, pages) (the whole slot: any valid length)."""
+        if pages >= self.layout.pages_per_slot:
+            return self.max_tokens + self.lookahead_tokens
+        return pages * self.page_size // self.layout.bytes_per_token
 
     def wait_ready(self) -> None:
         """Block until the map work the next step needs is done (lookahead work may run on)."""
