@@ -13,7 +13,7 @@ import torch
 
 from vtensor import ops
 from vtensor.ops import paged
-from vtensor.ops.triton_decode import decode_triton
+from vtensor.ops.triton_decode import DecodeConfig, decode_triton
 from vtensor.ops.triton_prefill import prefill_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -235,6 +235,51 @@ def test_gpu_decode_cuda_graph():
     g.replay()
     torch.cuda.synchronize()
     _check(o, st.decode_ref(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_decode_configs_graph_replays(fused):
+    """Every launch variant at real sizes, replayed from a CUDA graph many times (the fused
+    merge's counters must come back to zero on the GPU, where programs really race)."""
+    st = Setup(32, 8, 128, [4000, 17, 9000, 1], [1, 1, 1, 1], torch.bfloat16, seed=7)
+    ref = st.decode_ref()
+    for hf in (False, True):
+        cfg = DecodeConfig(head_fast=hf, rotate=hf, fused=fused, num_splits=37)
+        kw = dict(slot_ids=st.slots, block_table=None, seq_lens=st.lens_t,
+                  max_seq_len=st.max_tokens, scale=st.scale, config=cfg)  # fmt: skip
+        decode_triton(st.qd, st.kc, st.vc, **kw)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            o = decode_triton(st.qd, st.kc, st.vc, **kw)
+        for _ in range(50):
+            o.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            _check(o, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecodeConfig(head_fast=True),
+        DecodeConfig(rotate=True, num_splits=3, block_n=16),
+        DecodeConfig(fused=True, num_splits=3),
+        DecodeConfig(fused=True, rotate=True, head_fast=True, num_splits=20, block_n=16),
+    ],
+)
+def test_triton_decode_configs(cfg):
+    """The launch variants (grid order, staggered tiles, fused merge) compute the same thing;
+    twice in a row, since the fused merge's counters must return to zero."""
+    st = Setup(*CASES[1], dtype=torch.float32, seed=6)
+    ref = st.decode_ref()
+    kw = dict(seq_lens=st.lens_t, max_seq_len=st.max_tokens, scale=st.scale, config=cfg)
+    for _ in range(2):
+        o = _poisoned(decode_triton, st.qd, st.kc, st.vc, slot_ids=st.slots, block_table=None, **kw)
+        _check(o, ref, torch.float32)
+        o = _poisoned(decode_triton, st.qd, st.kb, st.vb, slot_ids=None, block_table=st.table, **kw)
+        _check(o, ref, torch.float32)
 
 
 def test_triton_decode_many_splits():

@@ -321,7 +321,7 @@ def bench_prefill(quick: bool) -> list[dict]:
 
 def sweep_configs() -> dict:
     """Same configs for the virtual and the paged layout: honest tuning of both."""
-    from vtensor.ops.triton_decode import decode_triton
+    from vtensor.ops.triton_decode import DecodeConfig, decode_triton
     from vtensor.ops.triton_prefill import prefill_triton
 
     out: dict = {"decode": [], "prefill": []}
@@ -334,7 +334,8 @@ def sweep_configs() -> dict:
                 for lay, (k, v, sl, bt) in layouts.items():
                     fn = partial(
                         decode_triton, c.q, k, v, slot_ids=sl, block_table=bt, seq_lens=c.lens,
-                        max_seq_len=ctx, scale=0.1, block_n=bn, num_warps=nw, num_stages=ns,
+                        max_seq_len=ctx, scale=0.1,
+                        config=DecodeConfig(block_n=bn, num_warps=nw, num_stages=ns),
                     )  # fmt: skip
                     try:
                         r[lay + "_gbps"] = c.kv_bytes / _time_ms(fn)[0] / 1e6

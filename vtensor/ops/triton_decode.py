@@ -14,6 +14,7 @@ graphs stay valid.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -39,19 +40,28 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, slot_ptr, bt_ptr, lens_ptr, o_ptr, mo_ptr, ml_ptr,
     sq_b, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sbt_b, so_b, so_h,
     smo_b, smo_h, smo_s, sml_b, sml_h,
-    qk_scale, chunk,
+    sem_ptr, qk_scale, chunk, n_kvh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DIRECT: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HEAD_FAST: tl.constexpr, ROTATE: tl.constexpr,
+    FUSED: tl.constexpr, SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEAD_FAST:  # programs launched together read neighbouring heads of the same tokens
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + seq)
     start = split * chunk
     if start >= seq_len:
         return  # the reduction only reads the splits that hold tokens
     end = tl.minimum(start + chunk, seq_len)
+    n_tiles = tl.cdiv(end - start, BLOCK_N)
+    # ROTATE: each program starts at a different tile of its range, so programs running at
+    # the same time do not all hit addresses a power-of-two slot stride apart (DRAM aliasing).
+    rot = ((seq * 5 + kvh * 3) % n_tiles) if ROTATE else 0
 
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, HEAD_DIM)
@@ -73,8 +83,10 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+    for i in range(0, n_tiles):
+        t = i + rot
+        t = tl.where(t >= n_tiles, t - n_tiles, t)
+        offs = start + t * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs < end
         k_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sk_s, sk_t, PAGE, PAGED)
         v_off = _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, sv_s, sv_t, PAGE, PAGED)
@@ -104,6 +116,50 @@ def _decode_split_kernel(
             acc / l_i[:, None], mask=rmask[:, None],
         )  # fmt: skip
         tl.store(ml_ptr + seq * sml_b + heads * sml_h + split, m_i + tl.log2(l_i), mask=rmask)
+        if FUSED:
+            # The last split program of (seq, kvh) to finish merges all splits: no second
+            # kernel launch. acq_rel at GPU scope orders the partial stores above (all threads,
+            # hence the barrier) before the count, and the count before the loads below; the
+            # last program resets the counter so the next call (or graph replay) starts at 0.
+            tl.debug_barrier()
+            n_valid = tl.cdiv(seq_len, chunk)
+            done = tl.atomic_add(sem_ptr + seq * n_kvh + kvh, 1, sem="acq_rel", scope="gpu")
+            if done == n_valid - 1:
+                tl.atomic_xchg(sem_ptr + seq * n_kvh + kvh, 0, sem="relaxed", scope="gpu")
+                _merge_splits(
+                    o_ptr, mo_ptr, ml_ptr, seq, heads, rmask, n_valid, so_b, so_h, smo_b,
+                    smo_h, smo_s, sml_b, sml_h, GROUP_PAD, HEAD_DIM, SPLIT_TILE,
+                )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    o_ptr, mo_ptr, ml_ptr, seq, heads, rmask, n_valid, so_b, so_h, smo_b, smo_h, smo_s, sml_b,
+    sml_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_TILE: tl.constexpr,
+):  # fmt: skip
+    """o[seq, heads] = sum_s w_s * mo[s] / sum_s w_s, w_s = 2^(lse_s - max lse); .cg loads go
+    to L2, where the other programs' partials are (L1 is not coherent)."""
+    dims = tl.arange(0, HEAD_DIM)
+    ml = ml_ptr + seq * sml_b + heads * sml_h  # [ROWS]
+    mo = mo_ptr + seq * smo_b + heads * smo_h  # [ROWS]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    for s0 in range(0, n_valid, SPLIT_TILE):
+        st = s0 + tl.arange(0, SPLIT_TILE)
+        lse = tl.load(ml[:, None] + st[None, :], mask=rmask[:, None] & (st < n_valid)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(rmask, m, 0.0)
+    wsum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for s in range(0, n_valid):
+        w = tl.exp2(tl.load(ml + s, mask=rmask, other=0.0, cache_modifier=".cg") - m)
+        o = tl.load(mo[:, None] + s * smo_s + dims[None, :], mask=rmask[:, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        wsum += w
+        acc += w[:, None] * o
+    out = acc / tl.where(rmask, wsum, 1.0)[:, None]
+    tl.store(o_ptr + seq * so_b + heads[:, None] * so_h + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -154,6 +210,39 @@ def plan_splits(
     return math.ceil(max_seq_len / chunk), chunk
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel; None = chosen by `plan_splits` / defaults."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+    head_fast: bool = False  # grid (kv_head, seq, split) instead of (seq, kv_head, split)
+    rotate: bool = False  # stagger each program's first tile
+    fused: bool = False  # merge splits in the last program (no reduction kernel)
+
+
+def default_config(b: int, hkv: int, max_seq_len: int, d: int, paged: bool) -> DecodeConfig:
+    return DecodeConfig(block_n=64 if d <= 128 else 32)
+
+
+_SEMS: dict[torch.device, torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, n: int) -> torch.Tensor | None:
+    """Per-(seq, kv_head) arrival counters for the fused merge; they return to 0 after every
+    call, so one zeroed buffer per device serves all calls and graph replays. None while a
+    CUDA graph is being captured and the buffer is too small (no allocation in a capture)."""
+    sem = _SEMS.get(device)
+    if sem is None or sem.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        sem = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _SEMS[device] = sem
+    return sem
+
+
 def decode_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -164,13 +253,13 @@ def decode_triton(
     seq_lens: torch.Tensor,
     max_seq_len: int,
     scale: float,
+    config: DecodeConfig | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
 ) -> torch.Tensor:
     """q: [b, Hq, d]; caches [slots|blocks, tokens, Hkv, d]; exactly one of slot_ids /
-    block_table. Returns o: [b, Hq, d] in q's dtype. The tuning kwargs are for benchmarks."""
+    block_table. Returns o: [b, Hq, d] in q's dtype. config / num_splits / block_n override
+    the per-shape choice (benchmarks, tests)."""
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -182,14 +271,22 @@ def decode_triton(
     if b == 0:
         return o
     interp = not q.is_cuda
-    block_n = block_n or (64 if d <= 128 else 32)
-    if num_splits is None:
-        splits, chunk = plan_splits(b, hkv, max_seq_len, block_n, _num_sms(q.device))
+    paged = block_table is not None
+    cfg = config or default_config(b, hkv, max_seq_len, d, paged)
+    if block_n is not None:
+        cfg = replace(cfg, block_n=block_n)
+    if num_splits is not None:
+        cfg = replace(cfg, num_splits=num_splits)
+    bn = cfg.block_n
+    if cfg.num_splits is None:
+        splits, chunk = plan_splits(b, hkv, max_seq_len, bn, _num_sms(q.device))
     else:
-        tiles = max(1, math.ceil(max_seq_len / block_n))
-        chunk = math.ceil(tiles / max(1, num_splits)) * block_n
+        tiles = max(1, math.ceil(max_seq_len / bn))
+        chunk = math.ceil(tiles / max(1, cfg.num_splits)) * bn
         splits = math.ceil(max_seq_len / chunk)
     direct = splits == 1
+    sem = _semaphores(q.device, b * hkv) if cfg.fused and not direct else None
+    fused = sem is not None
     if direct:
         mo = ml = o  # unused
         smo = (0, 0, 0)
@@ -199,20 +296,21 @@ def decode_triton(
         ml = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
         smo = mo.stride()[:3]
         sml = ml.stride()[:2]
-    paged = block_table is not None
     bt = block_table if paged else seq_lens
     slots = slot_ids if not paged else seq_lens
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    _decode_split_kernel[(b, hkv, splits)](
+    grid = (hkv, b, splits) if cfg.head_fast else (b, hkv, splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, slots, bt, seq_lens, o, mo, ml,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         bt.stride(0) if paged else 0, o.stride(0), o.stride(1), *smo, *sml,
-        scale * _LOG2E, chunk,
+        sem if fused else seq_lens, scale * _LOG2E, chunk, hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_N=block_n, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
-        UPCAST=interp, PREC=prec, num_warps=num_warps or 4, num_stages=num_stages or 2,
+        BLOCK_N=bn, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
+        UPCAST=interp, PREC=prec, HEAD_FAST=cfg.head_fast, ROTATE=cfg.rotate, FUSED=fused,
+        SPLIT_TILE=16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not direct:
+    if not direct and not fused:
         _decode_reduce_kernel[(b, hq)](
             o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, chunk,
             HEAD_DIM=d, SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT_TILE=16,
