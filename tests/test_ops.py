@@ -282,6 +282,25 @@ def test_triton_decode_configs(cfg):
         _check(o, ref, torch.float32)
 
 
+def test_tuned_config_lookup():
+    from vtensor.ops.triton_decode import _tables, tuned_config
+
+    assert tuned_config("a GPU nobody tuned on", False, 8, 4096) is None
+    rows = _tables("NVIDIA H200")
+    for is_paged in (False, True):
+        lay = rows["paged" if is_paged else "virtual"]
+        want = next(r for r in lay if (r["batch"], r["ctx"]) == (64, 4096))
+        got = tuned_config("NVIDIA H200", is_paged, 64, 4096)
+        assert got.block_n == want["block_n"] and got.fused == want["fused"]
+        # batch rounds up to a measured one; context snaps to the nearest in log scale
+        assert tuned_config("NVIDIA H200", is_paged, 3, 5000) == tuned_config(
+            "NVIDIA H200", is_paged, 4, 4096
+        )
+        assert tuned_config("NVIDIA H200", is_paged, 10_000, 10**6) == tuned_config(
+            "NVIDIA H200", is_paged, 256, 32768
+        )
+
+
 def test_triton_decode_many_splits():
     """> 16 splits: the reduction walks its split tiles; a 1-token sequence exits early."""
     st = Setup(8, 2, 16, [599, 0], [1, 1], torch.float32, seed=5)

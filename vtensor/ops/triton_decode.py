@@ -13,8 +13,11 @@ graphs stay valid.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -223,7 +226,38 @@ class DecodeConfig:
     fused: bool = False  # merge splits in the last program (no reduction kernel)
 
 
-def default_config(b: int, hkv: int, max_seq_len: int, d: int, paged: bool) -> DecodeConfig:
+_TABLE_PATH = Path(__file__).with_name("decode_configs.json")
+
+
+@functools.cache
+def _tables(device_name: str) -> dict[str, list[dict]] | None:
+    """Per-GPU tables measured by `python -m vtensor.bench.decode_tune` (the same search for
+    both layouts), or None for a GPU we have not tuned on."""
+    return json.loads(_TABLE_PATH.read_text()).get(device_name)
+
+
+def tuned_config(device_name: str, paged: bool, b: int, max_seq_len: int) -> DecodeConfig | None:
+    """The tuned config of the nearest measured shape (the smallest measured batch >= b, the
+    context nearest in log scale), or None for a GPU without a table."""
+    tables = _tables(device_name)
+    if tables is None:
+        return None
+    rows = tables["paged" if paged else "virtual"]
+    batches = sorted({r["batch"] for r in rows})
+    tb = next((x for x in batches if x >= b), batches[-1])
+    rows = [r for r in rows if r["batch"] == tb]
+    best = min(rows, key=lambda r: (abs(math.log2(r["ctx"] / max(1, max_seq_len))), -r["ctx"]))
+    return DecodeConfig(**{k: v for k, v in best.items() if k not in ("batch", "ctx")})
+
+
+def default_config(
+    b: int, hkv: int, max_seq_len: int, d: int, paged: bool, device: torch.device
+) -> DecodeConfig:
+    """Tuned per GPU for 8 kv heads x head_dim 128 (Llama-3-8B shapes); else generic."""
+    if device.type == "cuda" and d == 128 and hkv == 8:
+        cfg = tuned_config(torch.cuda.get_device_name(device), paged, b, max_seq_len)
+        if cfg is not None:
+            return cfg
     return DecodeConfig(block_n=64 if d <= 128 else 32)
 
 
@@ -272,7 +306,7 @@ def decode_triton(
         return o
     interp = not q.is_cuda
     paged = block_table is not None
-    cfg = config or default_config(b, hkv, max_seq_len, d, paged)
+    cfg = config or default_config(b, hkv, max_seq_len, d, paged, q.device)
     if block_n is not None:
         cfg = replace(cfg, block_n=block_n)
     if num_splits is not None:
