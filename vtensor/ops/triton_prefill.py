@@ -136,6 +136,14 @@ def prefill_triton(
         bm, bn, nw, ns = 16, 16, 4, 1
     elif q.dtype == torch.float32 or d > 128:
         bm, bn, nw, ns = 64, 32, 4, 2
+    elif max_seqlen_q <= 512:
+        # Short chunks (prefill_tune_h200.json, same configs for both layouts): with few
+        # 128-row query blocks, 64-row ones fill the GPU (b=1, prefix 16K, 128 new: 109 -> 162
+        # TFLOP/s); with more, narrower key tiles win. The thresholds are each layout's best.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        few = triton.cdiv(max_seqlen_q, 128) * b * hq <= (sms if block_table is not None
+                                                           else 4 * sms)  # fmt: skip
+        bm, bn, nw, ns = (64, 64, 4, 3) if few else (128, 32, 4, 3)
     elif block_table is not None:
         bm, bn, nw, ns = 128, 128, 8, 3  # best of the H200 sweep for the paged layout
     else:
