@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--ctxs", default=",".join(map(str, CTXS)))
+    ap.add_argument("--update-table", action="store_true",
+                    help="write the best configs into vtensor/ops/decode_configs.json")  # fmt: skip
     args = ap.parse_args(argv)
+    batches = [int(x) for x in args.batches.split(",")]
+    ctxs = [int(x) for x in args.ctxs.split(",")]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_").lower()
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "best": [], "log": []}  # fmt: skip
     # the target region first, so a spent budget loses the least useful points
-    shapes = sorted(((b, c) for b in BATCHES for c in CTXS if b * c * 4096 <= 60e9),
+    shapes = sorted(((b, c) for b in batches for c in ctxs if b * c * 4096 <= 60e9),
                     key=lambda s: (s[1] < 4096, -s[1] * s[0] if s[0] >= 32 else -s[1]))  # fmt: skip
     for b, ctx in shapes:
         if time.time() - t0 > args.budget_s:
@@ -114,7 +120,39 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
     _log(f"wrote {path}")
+    if args.update_table:
+        update_table(result["best"], torch.cuda.get_device_name(), path)
     return 0
+
+
+def update_table(best: list[dict], device_name: str, source: str) -> None:
+    """Replace the tuned shapes' rows of this GPU's table, one JSON row per line."""
+    from vtensor.ops.triton_decode import _TABLE_PATH
+
+    tables = json.loads(_TABLE_PATH.read_text())
+    t = tables.setdefault(device_name, {"source": "", "virtual": [], "paged": []})
+    t["source"] = f"{t['source']}; {source}".strip("; ")
+    for r in best:
+        rows = t["paged" if r["paged"] else "virtual"]
+        rows[:] = [x for x in rows if (x["batch"], x["ctx"]) != (r["batch"], r["ctx"])]
+        rows.append({"batch": r["batch"], "ctx": r["ctx"], **r["best"]})
+        rows.sort(key=lambda x: (x["batch"], x["ctx"]))
+    lines = []
+    for name, g in tables.items():
+        body = [f'  "source": {json.dumps(g["source"])}']
+        for lay in ("virtual", "paged"):
+            rows = ",\n".join("   " + json.dumps(x) for x in g[lay])
+            body.append(f'  "{lay}": [\n{rows}\n  ]')
+        lines.append(f" {json.dumps(name)}: {{\n" + ",\n".join(body) + "\n }")
+    _TABLE_PATH.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    _functools_clear()
+    _log(f"updated {_TABLE_PATH}")
+
+
+def _functools_clear() -> None:
+    from vtensor.ops.triton_decode import _tables
+
+    _tables.cache_clear()
 
 
 def _best_cfg(r: dict):
