@@ -47,7 +47,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HEAD_FAST: tl.constexpr, ROTATE: tl.constexpr,
-    FUSED: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr,
+    FUSED: tl.constexpr, SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
     if HEAD_FAST:  # programs launched together read neighbouring heads of the same tokens
         kvh = tl.program_id(0)
@@ -129,40 +129,40 @@ def _decode_split_kernel(
             done = tl.atomic_add(sem_ptr + seq * n_kvh + kvh, 1, sem="acq_rel", scope="gpu")
             if done == n_valid - 1:
                 tl.atomic_xchg(sem_ptr + seq * n_kvh + kvh, 0, sem="relaxed", scope="gpu")
-                for r in tl.static_range(GROUP):  # unrolled: the heads' loads overlap
-                    _merge_head(
-                        o_ptr, mo_ptr, ml_ptr, seq, kvh * GROUP + r, n_valid, so_b, so_h, smo_b,
-                        smo_h, smo_s, sml_b, sml_h, HEAD_DIM, SPLITS_PAD, SPLIT_TILE,
-                    )  # fmt: skip
+                _merge_splits(
+                    o_ptr, mo_ptr, ml_ptr, seq, heads, rmask, n_valid, so_b, so_h, smo_b,
+                    smo_h, smo_s, sml_b, sml_h, GROUP_PAD, HEAD_DIM, SPLIT_TILE,
+                )  # fmt: skip
 
 
 @triton.jit
-def _merge_head(
-    o_ptr, mo_ptr, ml_ptr, seq, h, n_valid, so_b, so_h, smo_b, smo_h, smo_s, sml_b, sml_h,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr,
+def _merge_splits(
+    o_ptr, mo_ptr, ml_ptr, seq, heads, rmask, n_valid, so_b, so_h, smo_b, smo_h, smo_s, sml_b,
+    sml_h, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
-    """o[seq, h] = sum_s w_s * mo[s] / sum_s w_s, w_s = 2^(lse_s - max lse), over the splits
-    that hold tokens. Loads are .cg (from L2): in the fused path the partials were written by
-    other programs of the same kernel, and L1 is not coherent."""
-    ml = ml_ptr + seq * sml_b + h * sml_h
-    sp = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(ml + sp, mask=sp < n_valid, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, 0)
-    wsum = tl.sum(tl.where(sp < n_valid, tl.exp2(lse - m), 0.0), 0)
+    """o[seq, heads] = sum_s w_s * mo[s] / sum_s w_s, w_s = 2^(lse_s - max lse); .cg loads go
+    to L2, where the other programs' partials are (L1 is not coherent)."""
     dims = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    # [SPLIT_TILE, D] tiles keep registers bounded when there are 100+ splits
+    ml = ml_ptr + seq * sml_b + heads * sml_h  # [ROWS]
+    mo = mo_ptr + seq * smo_b + heads * smo_h  # [ROWS]
+    m = tl.full([ROWS], float("-inf"), tl.float32)
     for s0 in range(0, n_valid, SPLIT_TILE):
         st = s0 + tl.arange(0, SPLIT_TILE)
-        smask = st < n_valid
-        w = tl.where(smask, tl.exp2(tl.load(ml + st, mask=smask, other=0.0,
-                                            cache_modifier=".cg") - m), 0.0)  # fmt: skip
-        o = tl.load(
-            mo_ptr + seq * smo_b + h * smo_h + st[:, None] * smo_s + dims[None, :],
-            mask=smask[:, None], other=0.0, cache_modifier=".cg",
-        )  # fmt: skip
-        acc += tl.sum(w[:, None] * o, 0)
-    tl.store(o_ptr + seq * so_b + h * so_h + dims, (acc / wsum).to(o_ptr.dtype.element_ty))
+        lse = tl.load(ml[:, None] + st[None, :], mask=rmask[:, None] & (st < n_valid)[None, :],
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+        m = tl.maximum(m, tl.max(lse, 1))
+    m = tl.where(rmask, m, 0.0)
+    wsum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for s in range(0, n_valid):
+        w = tl.exp2(tl.load(ml + s, mask=rmask, other=0.0, cache_modifier=".cg") - m)
+        o = tl.load(mo[:, None] + s * smo_s + dims[None, :], mask=rmask[:, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        wsum += w
+        acc += w[:, None] * o
+    out = acc / tl.where(rmask, wsum, 1.0)[:, None]
+    tl.store(o_ptr + seq * so_b + heads[:, None] * so_h + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])  # fmt: skip
 
 
 @triton.jit
@@ -172,9 +172,26 @@ def _decode_reduce_kernel(
 ):  # fmt: skip
     seq = tl.program_id(0)
     h = tl.program_id(1)
-    n_valid = tl.cdiv(tl.load(lens_ptr + seq), chunk)
-    _merge_head(o_ptr, mo_ptr, ml_ptr, seq, h, n_valid, so_b, so_h, smo_b, smo_h, smo_s,
-                sml_b, sml_h, HEAD_DIM, SPLITS_PAD, SPLIT_TILE)  # fmt: skip
+    seq_len = tl.load(lens_ptr + seq)
+    n_valid = (seq_len + chunk - 1) // chunk
+    ml = ml_ptr + seq * sml_b + h * sml_h
+    sp = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(ml + sp, mask=sp < n_valid, other=float("-inf"))
+    m = tl.max(lse, 0)
+    wsum = tl.sum(tl.where(sp < n_valid, tl.exp2(lse - m), 0.0), 0)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    # [SPLIT_TILE, D] tiles keep registers bounded when there are 100+ splits
+    for s0 in range(0, n_valid, SPLIT_TILE):
+        st = s0 + tl.arange(0, SPLIT_TILE)
+        smask = st < n_valid
+        w = tl.where(smask, tl.exp2(tl.load(ml + st, mask=smask, other=0.0) - m), 0.0)
+        o = tl.load(
+            mo_ptr + seq * smo_b + h * smo_h + st[:, None] * smo_s + dims[None, :],
+            mask=smask[:, None], other=0.0,
+        )  # fmt: skip
+        acc += tl.sum(w[:, None] * o, 0)
+    tl.store(o_ptr + seq * so_b + h * so_h + dims, (acc / wsum).to(o_ptr.dtype.element_ty))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -302,7 +319,6 @@ def decode_triton(
         chunk = math.ceil(tiles / max(1, cfg.num_splits)) * bn
         splits = math.ceil(max_seq_len / chunk)
     direct = splits == 1
-    splits_pad = max(16, triton.next_power_of_2(splits))
     sem = _semaphores(q.device, b * hkv) if cfg.fused and not direct else None
     fused = sem is not None
     if direct:
@@ -326,13 +342,12 @@ def decode_triton(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_N=bn, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
         UPCAST=interp, PREC=prec, HEAD_FAST=cfg.head_fast, ROTATE=cfg.rotate, FUSED=fused,
-        SPLITS_PAD=splits_pad, SPLIT_TILE=16, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        SPLIT_TILE=16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not direct and not fused:
         _decode_reduce_kernel[(b, hq)](
             o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, chunk,
-            HEAD_DIM=d, SPLITS_PAD=splits_pad, SPLIT_TILE=16,
+            HEAD_DIM=d, SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT_TILE=16,
             num_warps=4,
         )  # fmt: skip
     return o
