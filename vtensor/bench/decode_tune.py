@@ -145,14 +145,15 @@ def update_table(best: list[dict], device_name: str, source: str) -> None:
             body.append(f'  "{lay}": [\n{rows}\n  ]')
         lines.append(f" {json.dumps(name)}: {{\n" + ",\n".join(body) + "\n }")
     _TABLE_PATH.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-    _functools_clear()
+    _clear_caches()
     _log(f"updated {_TABLE_PATH}")
 
 
-def _functools_clear() -> None:
-    from vtensor.ops.triton_decode import _tables
+def _clear_caches() -> None:
+    from vtensor.ops.triton_decode import _tables, tuned_config
 
     _tables.cache_clear()
+    tuned_config.cache_clear()
 
 
 def _best_cfg(r: dict):

@@ -194,6 +194,7 @@ def _decode_reduce_kernel(
     tl.store(o_ptr + seq * so_b + h * so_h + dims, (acc / wsum).to(o_ptr.dtype.element_ty))
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # interpreter: as few programs as possible
@@ -236,6 +237,7 @@ def _tables(device_name: str) -> dict[str, list[dict]] | None:
     return json.loads(_TABLE_PATH.read_text()).get(device_name)
 
 
+@functools.lru_cache(maxsize=4096)  # hot path: every decode call of every layer (eager mode)
 def tuned_config(device_name: str, paged: bool, b: int, max_seq_len: int) -> DecodeConfig | None:
     """The tuned config of the nearest measured shape (the smallest measured batch >= b, the
     context nearest in log scale), or None for a GPU without a table."""
@@ -250,12 +252,17 @@ def tuned_config(device_name: str, paged: bool, b: int, max_seq_len: int) -> Dec
     return DecodeConfig(**{k: v for k, v in best.items() if k not in ("batch", "ctx")})
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
 def default_config(
     b: int, hkv: int, max_seq_len: int, d: int, paged: bool, device: torch.device
 ) -> DecodeConfig:
     """Tuned per GPU for 8 kv heads x head_dim 128 (Llama-3-8B shapes); else generic."""
     if device.type == "cuda" and d == 128 and hkv == 8:
-        cfg = tuned_config(torch.cuda.get_device_name(device), paged, b, max_seq_len)
+        cfg = tuned_config(_device_name(device), paged, b, max_seq_len)
         if cfg is not None:
             return cfg
     return DecodeConfig(block_n=64 if d <= 128 else 32)
