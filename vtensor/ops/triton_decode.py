@@ -2,8 +2,11 @@
 
 One program owns (sequence, kv_head, split): it loads the query rows of the whole GQA group
 as one [GROUP_PAD >= 16, D] tile and reads each K/V tile of its token range ONCE for all of
-them (tl.dot needs >= 16 rows, so small groups are padded). A second kernel merges the splits
-through their log-sum-exp. Sizing uses only the static `max_seq_len` bound; actual lengths
+them (tl.dot needs >= 16 rows, so small groups are padded). The splits are merged through
+their log-sum-exp by a second kernel, or (config `fused`) by the last split program of each
+(sequence, kv head) to finish. Launch configs are tuned per GPU and shape
+(`decode_configs.json`, made by `vtensor.bench.decode_tune` with the same search for the
+paged layout). Sizing uses only the static `max_seq_len` bound; actual lengths
 stay on the device and programs past a sequence's end exit at once, so no host sync and CUDA
 graphs stay valid.
 
