@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from vtensor.bench.kernels import HKV, DecodeCase, _log, _over, _time_ms
+from vtensor.bench.kernels import HKV, _log, _over, _time_ms, decode_cases, gpu_tag
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CTXS = [1024, 4096, 8192, 16384, 32768]
@@ -45,9 +45,7 @@ def _measure(cases, cfg, paged: bool) -> float:
 def tune_shape(b: int, ctx: int, paged: bool, log: list) -> dict:
     from vtensor.ops.triton_decode import DecodeConfig, _num_sms, plan_splits
 
-    one = b * ctx * 2 * HKV * 128 * 2
-    layers = max(1, min(8, math.ceil(256 * 1024**2 / one)))
-    cases = [DecodeCase(b, ctx, seed=i) for i in range(layers)]
+    cases = decode_cases(b, ctx)
     seen: dict = {}
 
     def score(cfg) -> float:
@@ -97,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ctxs = [int(x) for x in args.ctxs.split(",")]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_").lower()
-    path = os.path.join(args.out, f"decode_tune_{gpu}.json")
+    path = os.path.join(args.out, f"decode_tune_{gpu_tag()}.json")
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "best": [], "log": []}  # fmt: skip
     # the target region first, so a spent budget loses the least useful points

@@ -125,6 +125,20 @@ class DecodeCase:
         self.kv_bytes = b * ctx * 2 * HKV * D * 2
 
 
+def decode_cases(b: int, ctx: int) -> list[DecodeCase]:
+    """One case per "layer" of a timed graph: L = 256 MiB / KV bytes (1..8) separate buffers,
+    so small caches are not served from L2."""
+    one = b * ctx * 2 * HKV * D * 2
+    layers = max(1, min(8, math.ceil(256 * 1024**2 / one)))
+    return [DecodeCase(b, ctx, seed=i) for i in range(layers)]
+
+
+def gpu_tag() -> str:
+    """Short GPU name for result file names (kernels_h200.json)."""
+    name = torch.cuda.get_device_name()
+    return "h200" if "H200" in name else name.split()[-1].lower()
+
+
 def _flex_decode(case: DecodeCase):
     """FlexAttention paged decode (torch.nn.attention.experimental._paged_attention)."""
     from torch.nn.attention.experimental._paged_attention import PagedAttention
@@ -168,9 +182,8 @@ def bench_decode(quick: bool, hbm: float) -> list[dict]:
         for b in batches:
             if b * ctx * 4096 > 60e9:
                 continue
-            one = b * ctx * 2 * HKV * D * 2
-            layers = max(1, min(8, math.ceil(256 * 1024**2 / one)))
-            cases = [DecodeCase(b, ctx, seed=i) for i in range(layers)]
+            cases = decode_cases(b, ctx)
+            layers = len(cases)
             c = cases[0]
             kw = dict(seq_lens=c.lens, max_seq_len=ctx, scale=D**-0.5)
 
@@ -454,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name()
-    tag = "h200" if "H200" in name else name.split()[-1].lower()
+    tag = gpu_tag()
     result: dict = {
         "device": name, "torch": torch.__version__, "date": datetime.now(UTC).isoformat(),
         "shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": "bf16",

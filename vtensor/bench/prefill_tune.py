@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from vtensor.bench.kernels import PrefillCase, _log, _time_ms
+from vtensor.bench.kernels import PrefillCase, _log, _time_ms, gpu_tag
 
 CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2),
            (32, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]  # fmt: skip
@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    gpu = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "_").lower()
     rows = []
     for b, pre, new in SHAPES:
         c = PrefillCase(b, pre, new, seed=1)
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
         del c, lay
         torch.cuda.empty_cache()
-    path = os.path.join(args.out, f"prefill_tune_{gpu}.json")
+    path = os.path.join(args.out, f"prefill_tune_{gpu_tag()}.json")
     with open(path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
     _log(f"wrote {path}")

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtensor.ops.triton_decode import _LOG2E, _kv_offsets
+from vtensor.ops.triton_decode import _LOG2E, _kv_offsets, _num_sms
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def prefill_triton(
         # Short chunks (prefill_tune_h200.json, same configs for both layouts): with few
         # 128-row query blocks, 64-row ones fill the GPU (b=1, prefix 16K, 128 new: 109 -> 162
         # TFLOP/s); with more, narrower key tiles win. The thresholds are each layout's best.
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _num_sms(q.device)
         few = triton.cdiv(max_seqlen_q, 128) * b * hq <= (sms if block_table is not None
                                                            else 4 * sms)  # fmt: skip
         bm, bn, nw, ns = (64, 64, 4, 3) if few else (128, 32, 4, 3)
