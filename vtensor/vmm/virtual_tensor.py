@@ -117,28 +117,30 @@ class VirtualTensor:
             [p.handle for p in pages],
             self.backend,
         )
-        before = self._pending_unmaps(first, first + len(pages))
+        # the old mapping of these addresses goes first
+        return self._run(self._after_unmaps(first, first + len(pages),
+                                            lambda: backend.map_range(addr, handles)))  # fmt: skip
+
+    def _after_unmaps(self, first: int, last: int, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn, preceded on the mapper thread by the still-queued lazy unmaps of pages
+        [first, last) (an address must be unmapped before it is mapped again or freed)."""
+        before: dict[int, Ticket] = {}
+        if self._unmapping:
+            for i in range(first, last):
+                t = self._unmapping.pop(i, None)
+                if t is not None and not t.done():
+                    before[id(t)] = t
         if not before:
-            return self._run(lambda: backend.map_range(addr, handles))
+            return fn
         mapper = self.mapper
         assert mapper is not None
 
         def work() -> None:
-            for t in before:  # the old mapping of these addresses goes first
+            for t in before.values():
                 mapper.run_now(t)
-            backend.map_range(addr, handles)
+            fn()
 
-        return self._run(work)
-
-    def _pending_unmaps(self, first: int, last: int) -> list[Ticket]:
-        if not self._unmapping:
-            return []
-        out: dict[int, Ticket] = {}
-        for i in range(first, last):
-            t = self._unmapping.pop(i, None)
-            if t is not None and not t.done():
-                out[id(t)] = t
-        return list(out.values())
+        return work
 
     def unmap(
         self, first: int, last: int, after: object | None = None, lazy: bool | None = None
@@ -221,14 +223,7 @@ class VirtualTensor:
         self._closed = True
         self._base = None  # type: ignore[assignment]
         backend, addr, nbytes = self.backend, self.addr, self.nbytes
-        before, mapper = self._pending_unmaps(0, self.num_pages), self.mapper
-
-        def free() -> None:
-            for t in before:  # lazy unmaps of this range still queued: they go first
-                assert mapper is not None
-                mapper.run_now(t)
-            backend.free_reservation(addr, nbytes)
-
+        free = self._after_unmaps(0, self.num_pages, lambda: backend.free_reservation(addr, nbytes))
         last = self._run(free)
         last.wait()
 
