@@ -34,6 +34,27 @@ def test_params_validation_names_the_field():
     assert p.stop == ["x"] and p.presence_penalty == 0.0 and p.top_k == 0
 
 
+def test_params_bounds_hostile_values():
+    # Values that once reached the sampler and overflowed there (issue 15): each must be a
+    # ValueError naming the field at construction, before the engine sees it.
+    inf, nan = float("inf"), float("nan")
+    for kw, field in [
+        (dict(top_k=10**20), "top_k"), (dict(top_k=2**31), "top_k"), (dict(top_k=True), "top_k"),
+        (dict(top_k=1.5), "top_k"), (dict(repetition_penalty=1e308), "repetition_penalty"),
+        (dict(repetition_penalty=inf), "repetition_penalty"),
+        (dict(repetition_penalty=2.5), "repetition_penalty"), (dict(temperature=inf), "temp"),
+        (dict(top_p=nan), "top_p"), (dict(min_p=nan), "min_p"),
+        (dict(presence_penalty=nan), "presence"), (dict(frequency_penalty=-inf), "frequency"),
+        (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=1.0), "seed"),
+        (dict(logprobs=2**40), "logprobs"), (dict(temperature="1"), "temperature"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kw)
+    # the edges themselves are fine
+    SamplingParams(top_k=2**31 - 1, repetition_penalty=2.0, seed=2**63 - 1, temperature=0)
+    SamplingParams(top_k=-1, repetition_penalty=1e-3, seed=-(2**63), temperature=100.0)
+
+
 def test_penalties_on_crafted_logits():
     V = 8
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0]] * 4)

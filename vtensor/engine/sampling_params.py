@@ -6,7 +6,14 @@ can answer 400 with the engine's own message.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Bounds that keep every value representable where the sampler uses it (top_k in an int32
+# kernel argument, seeds in torch's int64 generator) and follow vLLM's _verify_args for the rest.
+MAX_TOP_K = 2**31 - 1
+MAX_REPETITION_PENALTY = 2.0
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -61,24 +68,39 @@ class SamplingParams:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if not self.temperature >= 0.0:  # also rejects NaN
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if not self.temperature >= 0.0:
             bad("temperature", "must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad("top_k", "must be an integer: -1 or 0 (disabled) or >= 1")
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or not -1 <= self.top_k <= MAX_TOP_K
+        ):
+            bad("top_k", f"must be an integer: -1 or 0 (disabled) or 1..{MAX_TOP_K}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
-        if not self.repetition_penalty > 0.0:
-            bad("repetition_penalty", "must be > 0")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 = off)")
         if not -2.0 <= self.presence_penalty <= 2.0:
             bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             bad("frequency_penalty", "must be in [-2, 2]")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad("logprobs", "must be an integer >= 0 (or None)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer (or None)")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_K
+        ):
+            bad("logprobs", f"must be an integer in [0, {MAX_TOP_K}] (or None)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not -MAX_SEED - 1 <= self.seed <= MAX_SEED
+        ):
+            bad("seed", "must be a 64-bit signed integer (or None)")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must hold non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
