@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vtensor.engine.engine import EngineArgs, LLMEngine
+from vtensor.engine.errors import raise_for
 from vtensor.engine.outputs import RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
-from vtensor.engine.scheduler import RequestTooLargeError
 from vtensor.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.error:
+                if item.error is not None:
                     finished = True
-                    raise RequestTooLargeError(item.error)
+                    raise_for(item.error)
                 finished = item.finished
                 yield item
                 if finished:

@@ -16,14 +16,23 @@ from typing import Any
 import torch
 
 from vtensor.engine.detokenizer import Detokenizer
+from vtensor.engine.errors import ErrorKind, RequestError
 from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.runner import ModelRunner
-from vtensor.engine.sampler import Sampler
+from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.scheduler import Scheduler
 from vtensor.engine.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
+
+# Model steps that may fail in a row (each failing its requests) before the engine gives up.
+_MAX_FAILURES_IN_A_ROW = 3
+
+
+def _is_fatal(e: BaseException) -> bool:
+    """A device error leaves the CUDA context unusable: no request can be served after it."""
+    return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
@@ -167,6 +176,7 @@ class LLMEngine:
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []  # aborted / failed: reported by the next step()
+        self._failures_in_a_row = 0
         self._arrivals = 0
         self.counters = dict.fromkeys(
             ("steps", "prefill_steps", "decode_steps", "prompt_tokens_computed",
@@ -248,7 +258,10 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One scheduled batch. Returns a RequestOutput per request that got a token (only the
-        finished ones with `finished_only`: offline callers skip building the rest)."""
+        finished ones with `finished_only`: offline callers skip building the rest).
+
+        A failure tied to the requests of this step ends those requests with a RequestError and
+        the engine goes on; only a device error (or repeated failures) propagates."""
         batch = self.scheduler.schedule()
         done = self._pending + self.scheduler.failed
         self._pending, self.scheduler.failed = [], []
@@ -262,8 +275,13 @@ class LLMEngine:
             return outputs
         self.counters["steps"] += 1
         self.counters["prefill_steps" if batch.is_prefill else "decode_steps"] += 1
-        self.kv_cache.wait_ready()
-        logits, rows = self.runner.execute(batch)
+        try:
+            self.kv_cache.wait_ready()
+            logits, rows = self.runner.execute(batch)
+        except Exception as e:
+            self._batch_failed(batch.seqs, e, outputs)
+            return outputs
+        self._failures_in_a_row = 0
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
             if batch.is_prefill and n > 1:
@@ -272,15 +290,50 @@ class LLMEngine:
                     self.kv_cache.cache_prefix(seq.slot, seq.token_ids[: seq.num_computed])
         if rows:
             seqs = [batch.seqs[r] for r in rows]
-            out = self.sampler(logits, seqs)
-            ids = out.token_ids.tolist()  # the one host sync of the step
-            lps = tops = top_ids = None
-            if out.logprobs is not None:
-                lps = out.logprobs.tolist()
-                if out.top_ids is not None:
-                    tops, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
-            now = time.monotonic()
-            for j, (seq, tok) in enumerate(zip(seqs, ids, strict=True)):
+            try:
+                groups = [(seqs, self.sampler(logits, seqs))]
+            except Exception:  # find the request(s) it failed on; sample the others alone
+                log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
+                groups = self._sample_rows(logits, seqs, outputs)
+            for group, out in groups:
+                self._emit(group, out, outputs, finished_only)
+        self.scheduler.remove_finished()
+        if self.args.debug and not self.requests:
+            self.kv_cache.check_integrity()
+        return outputs
+
+    def _sample_rows(
+        self, logits: torch.Tensor, seqs: list[Sequence], outputs: list[RequestOutput]
+    ) -> list[tuple[list[Sequence], SamplerOutput]]:
+        groups = []
+        for j, seq in enumerate(seqs):
+            try:
+                groups.append(([seq], self.sampler(logits[j : j + 1], [seq])))
+            except Exception as e:
+                if _is_fatal(e):
+                    raise
+                log.exception("sampling failed for request %s", seq.request_id)
+                msg = "sampling failed for this request's parameters"
+                self._fail_request(seq, RequestError(ErrorKind.INTERNAL, msg), outputs)
+        return groups
+
+    def _emit(
+        self,
+        seqs: list[Sequence],
+        out: SamplerOutput,
+        outputs: list[RequestOutput],
+        finished_only: bool,
+    ) -> None:
+        """Append the sampled tokens (stop checks, detokenization) and collect outputs."""
+        ids = out.token_ids.tolist()  # the one host sync of the step
+        lps = tops = top_ids = None
+        if out.logprobs is not None:
+            lps = out.logprobs.tolist()
+            if out.top_ids is not None:
+                tops, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
+        now = time.monotonic()
+        for j, (seq, tok) in enumerate(zip(seqs, ids, strict=True)):
+            try:
                 if seq.logprobs is not None and lps is not None:
                     entry = {}
                     if tops is not None:
@@ -292,10 +345,34 @@ class LLMEngine:
                 self._append(seq, tok, now)
                 if not finished_only or seq.status == Status.FINISHED:
                     outputs.append(self._output(seq))
+            except Exception:
+                log.exception("processing the output of request %s failed", seq.request_id)
+                msg = "the engine failed while processing this request's output"
+                self._fail_request(seq, RequestError(ErrorKind.INTERNAL, msg), outputs)
+
+    def _batch_failed(
+        self, seqs: list[Sequence], e: Exception, outputs: list[RequestOutput]
+    ) -> None:
+        """The model step failed: its requests end with an error, the engine goes on, unless
+        the device is broken or steps keep failing (then the caller's loop sees the error)."""
+        self._failures_in_a_row += 1
+        if _is_fatal(e) or self._failures_in_a_row > _MAX_FAILURES_IN_A_ROW:
+            raise e
+        log.exception("a step of %d requests failed; failing them", len(seqs))
+        err = RequestError(ErrorKind.INTERNAL, "the engine failed while computing this request")
+        for seq in list(seqs):
+            self._fail_request(seq, err, outputs)
         self.scheduler.remove_finished()
-        if self.args.debug and not self.requests:
-            self.kv_cache.check_integrity()
-        return outputs
+
+    def _fail_request(
+        self, seq: Sequence, error: RequestError, outputs: list[RequestOutput]
+    ) -> None:
+        if seq.status == Status.FINISHED and seq.error is not None:
+            return
+        self.scheduler.abort(seq)  # frees its KV, drops it from any queue
+        seq.finish_reason, seq.error, seq.t_finish = "error", error, time.monotonic()
+        self.requests.pop(seq.request_id, None)
+        outputs.append(self._output(seq))
 
     def _append(self, seq: Sequence, tok: int, now: float) -> None:
         seq.token_ids.append(tok)

@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from vtensor.engine.engine import EngineArgs, LLMEngine
+from vtensor.engine.errors import raise_for
 from vtensor.engine.outputs import RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
-from vtensor.engine.scheduler import RequestTooLargeError
 
 Prompt = str | list[int]
 Message = dict[str, str]
@@ -121,7 +121,7 @@ class LLM:
                     eng.abort_request(rid)
         errors = [o for o in results if o is not None and o.error]
         if errors:
-            raise RequestTooLargeError(errors[0].error)
+            raise_for(errors[0].error)
         return results  # type: ignore[return-value]
 
     def chat(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vtensor.engine.errors import RequestError
+
 
 @dataclass(slots=True)
 class CompletionOutput:
@@ -15,7 +17,7 @@ class CompletionOutput:
     # per output token {token_id: logprob}: the sampled token plus the top `logprobs`
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None (running)
+    finish_reason: str | None = None  # stop | length | abort (client) | error | None
     stop_reason: str | int | None = None  # the stop string / stop token id that ended it
 
     def finished(self) -> bool:
@@ -30,5 +32,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the KV cache (not recomputed)
-    error: str | None = None  # set when the engine gave up on the request (finish "abort")
+    error: RequestError | None = None  # why the engine gave up on it (finish "error")
     metrics: dict | None = None  # arrival / first token / finish times (time.monotonic)

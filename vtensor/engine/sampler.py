@@ -96,8 +96,10 @@ class Sampler:
         dev, vocab = logits.device, logits.shape[1]
         want_lp = [p.logprobs for p in params if p.logprobs is not None]
         raw = logits.log_softmax(-1) if want_lp else None
-        logits = apply_penalties(logits, seqs)  # in place: `raw` is already a copy
-        mask_min_tokens(logits, seqs, self.eos_token_ids)
+        if any(p.has_penalties or p.min_tokens for p in params):
+            # never modify the caller's logits: a failed batch is re-sampled row by row
+            logits = apply_penalties(logits.clone(), seqs)
+            mask_min_tokens(logits, seqs, self.eos_token_ids)
         greedy = [p.greedy for p in params]
         if all(greedy):
             ids = logits.argmax(-1)
@@ -119,7 +121,8 @@ class Sampler:
         temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
         x = logits / temps[:, None]
         if any(p.top_k_enabled or p.top_p < 1.0 for p in params):
-            k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
+            k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+            k = torch.tensor(k, device=dev)
             p_ = torch.tensor([p.top_p for p in params], device=dev, dtype=x.dtype)
             x = top_k_top_p(x, k, p_)
         probs = x.softmax(-1)

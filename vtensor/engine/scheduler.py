@@ -20,11 +20,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from vtensor.engine.errors import ErrorKind, RequestError, RequestTooLargeError
 from vtensor.engine.sequence import Sequence, Status
 
-
-class RequestTooLargeError(ValueError):
-    """The request cannot fit in the KV cache even with the engine to itself."""
+__all__ = ["RequestTooLargeError", "ScheduledBatch", "Scheduler"]
 
 
 @dataclass(slots=True)
@@ -106,8 +105,8 @@ class Scheduler:
             self.kv.free(seq.slot)
             seq.slot = None
         seq.status = Status.FINISHED
-        seq.finish_reason = "abort"
-        seq.error = why
+        seq.finish_reason = "error"
+        seq.error = RequestError(ErrorKind.TOO_LARGE, why)
         self.failed.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:

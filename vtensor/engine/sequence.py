@@ -9,6 +9,7 @@ from enum import Enum
 import torch
 
 from vtensor.engine.detokenizer import Detokenizer
+from vtensor.engine.errors import RequestError
 from vtensor.engine.sampling_params import SamplingParams
 
 
@@ -35,7 +36,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    error: str | None = None
+    error: RequestError | None = None  # why the engine gave up on it (finish "error")
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float = 0.0
     generator: torch.Generator | None = None
