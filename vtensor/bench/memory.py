@@ -56,6 +56,18 @@ def _rss(pid: int | None = None) -> int | None:
         return None
 
 
+def _pynvml():
+    """nvidia-ml-py's module, or the copy vLLM ships (its worker process has that one)."""
+    try:
+        import pynvml
+
+        return pynvml
+    except ImportError:
+        from vllm.third_party import pynvml
+
+        return pynvml
+
+
 class _Nvml:
     """Device-wide memory through NVML when it is there: no CUDA context needed, so a process
     that only watches (the online client) does not add a context's ~500 MB to what it sees."""
@@ -68,8 +80,7 @@ class _Nvml:
         if not cls.tried:
             cls.tried = True
             try:
-                import pynvml  # nvidia-ml-py
-
+                pynvml = _pynvml()
                 pynvml.nvmlInit()
                 vis = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
                 cls.handle = pynvml.nvmlDeviceGetHandleByIndex(int(vis) if vis.isdigit() else 0)
@@ -77,9 +88,7 @@ class _Nvml:
                 cls.handle = None
         if cls.handle is None:
             return None
-        import pynvml
-
-        info = pynvml.nvmlDeviceGetMemoryInfo(cls.handle)
+        info = _pynvml().nvmlDeviceGetMemoryInfo(cls.handle)
         return int(info.used), int(info.total)
 
 

@@ -1,4 +1,5 @@
-"""Online runner: a real `vtensor serve` subprocess and a Poisson-arrival streaming client.
+"""Online runner: a real `vtensor serve` (or `vllm serve`, vllm_system.py) subprocess and a
+Poisson-arrival streaming client.
 
 Requests (or, for multi-turn, conversations) arrive as a Poisson process at `rate` per second
 (seeded exponential gaps). Each request is a streaming `POST /v1/completions` with the prompt
@@ -19,6 +20,7 @@ Only httpx is needed on the client side (the H200 image has no `openai` package)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -59,12 +61,18 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self._log = None
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "vtensor.cli", "serve", "--host", "127.0.0.1",
+                "--port", str(self.port), *self.serve_args]  # fmt: skip
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
     def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "vtensor.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(self.port), *self.serve_args]  # fmt: skip
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # its own process group: a server's children (vLLM's engine core) go down with it
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=self.environ(), start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,10 +96,13 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly on SIGINT
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None:  # whatever the server started and left behind
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc = None
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
@@ -102,6 +113,28 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class VLLMServer(ServerProcess):
+    """`vllm serve` (vllm_system.serve_cmd) on a free port, with vLLM's PYTHONPATH."""
+
+    def __init__(self, model_dir: str, *, max_model_len: int, dtype: str = "bfloat16",
+                 load_format: str = "dummy", gpu_memory_utilization: float | None = None,
+                 startup_timeout: float = 600.0, log_path: str | None = None):  # fmt: skip
+        from vtensor.bench.vllm_system import serve_cmd
+
+        super().__init__([], startup_timeout=startup_timeout, log_path=log_path)
+        self.cmd = serve_cmd(model_dir, port=self.port, max_model_len=max_model_len, dtype=dtype,
+                             load_format=load_format,
+                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+
+    def command(self) -> list[str]:
+        return self.cmd
+
+    def environ(self) -> dict[str, str]:
+        from vtensor.bench.vllm_system import worker_env
+
+        return worker_env()
 
 
 # --- metrics scraping (KV telemetry for the memory plot) -----------------------------------
@@ -145,6 +178,7 @@ class RequestRecord:
     e2e: float | None = None
     error: str | None = None
     text: str = ""
+    token_ids: list[int] | None = None  # the reply's ids, where the server returns them
 
     @property
     def tpot(self) -> float | None:
@@ -154,8 +188,15 @@ class RequestRecord:
 
 
 async def stream_completion(
-    client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    extra_body: dict | None = None,
 ) -> RequestRecord:
+    """One streaming request. `extra_body`: server-specific fields (vLLM: return_token_ids,
+    whose chunks carry `token_ids`; with --skip-tokenizer-init their text is empty, so a
+    chunk with ids counts as a token arriving)."""
     rec = RequestRecord(len(prompt))
     body = {
         "model": model,
@@ -165,9 +206,11 @@ async def stream_completion(
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **(extra_body or {}),
     }
     t0 = time.perf_counter()
     parts: list[str] = []
+    ids: list[int] = []
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -181,10 +224,11 @@ async def stream_completion(
                     break
                 chunk = json.loads(data)
                 for ch in chunk.get("choices") or []:
-                    if ch.get("text"):
+                    if ch.get("text") or ch.get("token_ids"):
                         if rec.ttft is None:
                             rec.ttft = time.perf_counter() - t0
-                        parts.append(ch["text"])
+                        parts.append(ch.get("text") or "")
+                        ids += ch.get("token_ids") or []
                 usage = chunk.get("usage")
                 if usage:
                     rec.completion_tokens = int(usage.get("completion_tokens") or 0)
@@ -195,8 +239,9 @@ async def stream_completion(
         return rec
     rec.e2e = time.perf_counter() - t0
     rec.text = "".join(parts)
-    if rec.completion_tokens == 0:  # no usage chunk: count text chunks (a lower bound)
-        rec.completion_tokens = len(parts)
+    rec.token_ids = ids or None
+    if rec.completion_tokens == 0:  # no usage chunk: count ids, else text chunks (lower bound)
+        rec.completion_tokens = len(ids) or len(parts)
     return rec
 
 
@@ -227,6 +272,7 @@ async def _run_client(
     seed: int,
     encode: Callable[[str], list[int]] | None,
     deadline: float | None,
+    extra_body: dict | None = None,
 ) -> tuple[list[RequestRecord], float, bool]:
     rng = random.Random(seed)
     units = wl.conversations if wl.multi_turn else wl.requests
@@ -250,7 +296,7 @@ async def _run_client(
                     cut = True
                     return
                 records.append(await stream_completion(client, model, u.prompt_token_ids,
-                                                       u.max_tokens))  # fmt: skip
+                                                       u.max_tokens, extra_body))  # fmt: skip
                 return
             history: list[int] = []
             for user, reply_len in zip(u.user_turns, u.reply_lens, strict=True):
@@ -258,11 +304,13 @@ async def _run_client(
                     cut = True
                     return
                 prompt = history + user
-                rec = await stream_completion(client, model, prompt, reply_len)
+                rec = await stream_completion(client, model, prompt, reply_len, extra_body)
                 records.append(rec)
                 if rec.error:
                     return
-                if encode is not None:
+                if rec.token_ids is not None:  # the server's own ids: the exact history
+                    reply = rec.token_ids
+                elif encode is not None:
                     reply = encode(rec.text)
                 else:  # no tokenizer here: keep the history's length right with filler ids
                     reply = [user[j % len(user)] for j in range(rec.completion_tokens)]
@@ -293,11 +341,12 @@ def run_online(
     deadline: float | None = None,
     sample_interval: float = 0.1,
     rss_pid: int | None = None,
+    extra_body: dict | None = None,
 ) -> dict:
     """Drive `wl` against a running server; returns the JSON-able result record."""
     with MemorySampler(sample_interval, metrics_probe(base_url), rss_pid) as mem:
         records, elapsed, complete = asyncio.run(
-            _run_client(base_url, model, wl, rate, seed, encode, deadline)
+            _run_client(base_url, model, wl, rate, seed, encode, deadline, extra_body)
         )
     ok = [r for r in records if r.error is None and r.e2e is not None]
     good = [

@@ -51,14 +51,19 @@ TINY_CONFIG = dict(
 )  # fmt: skip
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+
+
 def tiny_model_dir() -> str:
     """A tiny Llama (2 layers, hidden 64) for CPU smoke runs: see `model_dir`."""
     return model_dir("tiny", TINY_CONFIG)
 
 
 def model_dir(name: str, config: dict, min_context: int = 0) -> str:
-    """A folder `vtensor serve --load-format dummy` can serve: `config` as config.json (with
-    max_position_embeddings raised to `min_context` if lower: same shapes, same timing) and a
+    """A folder `vtensor serve` and `vllm serve` can run with dummy weights: `config` as
+    config.json (with "architectures", and max_position_embeddings raised to `min_context` if
+    lower: same shapes, same timing) and a
     word-level tokenizer over the whole vocabulary ("t3".."tN", <unk> <eos> <bos> at 0..2), so
     that generated ids decode and re-encode exactly. Dummy presets ship no tokenizer and the
     server needs one. Written once to the temp dir; nothing is downloaded."""
@@ -67,7 +72,9 @@ def model_dir(name: str, config: dict, min_context: int = 0) -> str:
 
     cfg = dict(config)
     cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings", 0)), min_context)
-    tag = f"{name}-{cfg['max_position_embeddings']}-v2"
+    # vLLM picks the model class from "architectures" (HF configs always carry it)
+    cfg.setdefault("architectures", [ARCHITECTURES.get(cfg.get("model_type"), "LlamaForCausalLM")])
+    tag = f"{name}-{cfg['max_position_embeddings']}-v3"
     d = os.path.join(tempfile.gettempdir(), f"vtensor-bench-{tag}-{os.getuid()}")
     if os.path.exists(os.path.join(d, "tokenizer.json")):
         return d
@@ -273,32 +280,16 @@ class EngineSystem:
         _free_device_memory()
 
 
-def _first_num(d: dict, *keys: str) -> int | None:
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return int(v)
-    return None
-
-
 def normalise_kv_snapshot(snap: dict) -> dict:
-    """The KV cache's snapshot() -> the kv_* keys MemSample knows (see memory.py)."""
-    s = dict(snap or {})
-    ps, bpt = _first_num(s, "page_size", "block_bytes"), _first_num(s, "bytes_per_token")
-    in_use = _first_num(s, "pages_in_use", "blocks_in_use")
-    live_tokens = _first_num(s, "live_tokens", "num_live_tokens")
-    mapped = _first_num(s, "bytes_mapped")
-    if mapped is None and in_use is not None and ps:
-        mapped = in_use * ps
-    live = _first_num(s, "bytes_live_tokens")
-    if live is None and live_tokens is not None and bpt:
-        live = live_tokens * bpt
+    """The KV cache's snapshot() -> the kv_* keys MemSample knows (see memory.py). Both caches
+    (kv/cache.py and kv/paged.py) emit the same keys."""
+    s = snap or {}
     return {
-        "kv_physical_bytes": _first_num(s, "bytes_physical", "bytes_total"),
-        "kv_mapped_bytes": mapped,
-        "kv_live_bytes": live,
-        "kv_pages_in_use": in_use,
-        "kv_pages_cached": _first_num(s, "pages_cached", "blocks_cached"),
+        "kv_physical_bytes": s.get("bytes_physical"),
+        "kv_mapped_bytes": s.get("bytes_mapped"),
+        "kv_live_bytes": s.get("bytes_live_tokens"),
+        "kv_pages_in_use": s.get("pages_in_use"),
+        "kv_pages_cached": s.get("pages_cached"),
     }
 
 

@@ -129,7 +129,7 @@ def run_engine(kv: str, args, prompts, max_tokens, dev, preloaded=None) -> dict:
 def run_hf(args, prompts, max_tokens, dev) -> dict:
     from tqdm import tqdm
 
-    from vtensor.engine.hf_runner import HFRunner
+    from vtensor.bench.hf_runner import HFRunner
 
     n = min(len(prompts), args.hf_requests)
     prompts, max_tokens = prompts[:n], max_tokens[:n]

@@ -329,3 +329,25 @@ def truncate(wl: Workload, max_requests: int) -> Workload:
         conversations=wl.conversations[:max_requests],
         params={**wl.params, "truncated_to": max_requests},
     )
+
+
+def workload_to_json(wl: Workload) -> dict:
+    """Everything a worker process needs to run `wl` with the very same token ids."""
+    return {
+        "name": wl.name,
+        "description": wl.description,
+        "params": wl.params,
+        "requests": [[r.request_id, r.prompt_token_ids, r.max_tokens] for r in wl.requests],
+        "conversations": [[c.conv_id, c.user_turns, c.reply_lens] for c in wl.conversations],
+    }
+
+
+def workload_from_json(d: dict) -> Workload:
+    return Workload(
+        d["name"],
+        d["description"],
+        requests=[Request(i, list(p), int(m)) for i, p, m in d.get("requests", [])],
+        conversations=[Conversation(i, [list(u) for u in us], [int(x) for x in rs])
+                       for i, us, rs in d.get("conversations", [])],  # fmt: skip
+        params=dict(d.get("params", {})),
+    )
