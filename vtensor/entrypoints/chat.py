@@ -13,7 +13,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from vtensor.entrypoints.common import add_engine_arguments, engine_args, sampling_params
+from vtensor.cli import cli_message
+from vtensor.entrypoints.common import (
+    add_engine_arguments,
+    engine_args,
+    load_engine,
+    sampling_params,
+    usage_errors,
+)
 
 
 @dataclass(slots=True)
@@ -105,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = sampling_params(args)
-        engine = LLMEngine(engine_args(args))
-    except (ValueError, OSError) as e:
-        print(f"vtensor chat: {e}", file=sys.stderr)
+        ea = engine_args(args)
+        engine, _ = load_engine("chat", args.model, lambda: LLMEngine(ea))
+    except usage_errors() as e:
+        print(f"vtensor chat: {cli_message(e)}", file=sys.stderr)
         return 2
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         print("vtensor chat: this model has no chat template", file=sys.stderr)
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             session.turn(line, out=sys.stdout)
         except ValueError as e:  # e.g. the conversation outgrew max_model_len
-            print(f"\n[error: {e}; /reset to start over]", file=sys.stderr)
+            print(f"\n[error: {cli_message(e)}; /reset to start over]", file=sys.stderr)
             continue
         print()
     engine.close()

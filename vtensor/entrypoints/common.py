@@ -1,8 +1,10 @@
-"""Engine options shared by `vtensor generate` and `vtensor chat`."""
+"""Engine options shared by `vtensor generate` and `vtensor chat`, and the load step both show."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import Any
 
 
@@ -10,23 +12,29 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF folder, .gguf, or dummy preset (default: "
                    "the embedded SmolLM2-135M-Instruct)")  # fmt: skip
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv", choices=["virtual", "paged"], default="virtual")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 "
+                   "(auto: float32 on CPU, the checkpoint's half type on GPU)")  # fmt: skip
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (auto: cuda if any)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's, at most 8192)")
+    g.add_argument("--kv", choices=["virtual", "paged"], default="virtual",
+                   help="KV cache: virtual tensors (default) or a block-table pool")
     g.add_argument("--kv-memory", default=None, help="KV budget: bytes (4GiB) or fraction (0.8)")
-    g.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy")
+    g.add_argument("--load-format", default="auto",
+                   help="auto | safetensors | gguf | dummy (dummy: random weights)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--min-p", type=float, default=0.0)
-    s.add_argument("--repetition-penalty", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0: off)")
+    s.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top probability (0: off)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="in (0, 2]; > 1 discourages repeats (1: off)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    s.add_argument("--ignore-eos", action="store_true")
+    s.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
 
 
 def engine_args(args: argparse.Namespace) -> Any:
@@ -47,3 +55,25 @@ def sampling_params(args: argparse.Namespace) -> Any:
         top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
     )  # fmt: skip
+
+
+def model_label(model: str | None) -> str:
+    return model or "the embedded SmolLM2-135M-Instruct"
+
+
+def load_engine(cmd: str, model: str | None, make: Any) -> tuple[Any, float]:
+    """Build the engine with `make()`, saying so on stderr first (a model takes seconds to
+    load: never a silent wait). Returns (engine, seconds)."""
+    print(f"vtensor {cmd}: loading {model_label(model)} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    engine = make()
+    dt = time.perf_counter() - t0
+    print(f"vtensor {cmd}: model loaded in {dt:.1f} s", file=sys.stderr, flush=True)
+    return engine, dt
+
+
+# Errors that mean "your input or setup is wrong" (one line, exit 2), as opposed to a bug.
+def usage_errors() -> tuple[type[BaseException], ...]:
+    from vtensor.model.config import ModelError
+
+    return (ValueError, OSError, ModelError)

@@ -11,7 +11,14 @@ import json
 import sys
 import time
 
-from vtensor.entrypoints.common import add_engine_arguments, engine_args, sampling_params
+from vtensor.cli import UsageError, cli_message
+from vtensor.entrypoints.common import (
+    add_engine_arguments,
+    engine_args,
+    load_engine,
+    sampling_params,
+    usage_errors,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,21 +28,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p)
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts given, or one from stdin ('-' or none given). Empty ones are an error
+    (with or without --raw): an empty user turn is not a question."""
+    prompts = [p for p in args.prompt if p != "-"]
+    if not prompts:
+        if sys.stdin.isatty():
+            print("vtensor generate: reading the prompt from stdin (end with Ctrl-D; or pass "
+                  "it as an argument)", file=sys.stderr, flush=True)  # fmt: skip
+        prompts = [sys.stdin.read()]
+    if any(not p.strip() for p in prompts):
+        raise UsageError("the prompt is empty")
+    return prompts
+
+
 def run(args: argparse.Namespace) -> int:
     from vtensor.engine import LLM
     from vtensor.model import apply_chat_template
 
-    prompts = [p for p in args.prompt if p != "-"]
-    if not prompts:
-        prompts = [sys.stdin.read()]
+    prompts = read_prompts(args)
     try:
         params = sampling_params(args)
-        t0 = time.perf_counter()
-        llm = LLM(**_kwargs(engine_args(args)))
-    except (ValueError, OSError) as e:
-        print(f"vtensor generate: {e}", file=sys.stderr)
+        ea = engine_args(args)
+        llm, load_s = load_engine("generate", args.model, lambda: LLM(**_kwargs(ea)))
+    except usage_errors() as e:
+        print(f"vtensor generate: {cli_message(e)}", file=sys.stderr)
         return 2
-    load_s = time.perf_counter() - t0
     tok = llm.tokenizer
     use_chat = not args.raw and tok is not None and getattr(tok, "chat_template", None)
     rc = 0
@@ -54,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
                 last = out
         except ValueError as e:
-            print(f"vtensor generate: {e}", file=sys.stderr)
+            print(f"vtensor generate: {cli_message(e)}", file=sys.stderr)
             rc = 2
             continue
         dt = time.perf_counter() - t1

@@ -1,13 +1,16 @@
 """Thin FastAPI routers and the app factory. Logic lives in serving_*.py.
 
 Every error leaves as OpenAI JSON, `{"error": {"message", "type", "param", "code"}}`, with the
-status the client caused (400/401/404/503); a 500 means a bug in the server.
+status the client caused (400/401/404/413/503); a 500 means a bug in the server or an engine
+failure on that request. Messages are for clients: exception types, tracebacks, internal request
+ids and a dead engine's exception go to the log only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from collections.abc import Awaitable
 from typing import Any
 
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vtensor.server.lifecycle import Lifecycle
 from vtensor.server.metrics import ServerMetrics
 from vtensor.server.protocol import (
     ChatCompletionRequest,
@@ -26,13 +30,32 @@ from vtensor.server.protocol import (
 )
 from vtensor.server.serving_chat import OpenAIServingChat
 from vtensor.server.serving_completions import OpenAIServingCompletion
-from vtensor.server.serving_engine import OpenAIError, engine_dead
+from vtensor.server.serving_engine import (
+    OpenAIError,
+    engine_dead,
+    engine_dead_error,
+    internal_error,
+)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Request bodies above this get 413 (`--max-body-size`): 16 MiB holds ~2M tokens as JSON ids.
+DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+
+log = logging.getLogger("vtensor.serve")
+
+
+def _printable(text: str) -> str:
+    # A lone surrogate cannot be encoded as UTF-8: it would turn an error into a 500.
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.to_response().model_dump(), status_code=e.status, headers=e.headers)
+    body = e.to_response().model_dump()
+    err = body["error"]
+    for key in ("message", "param"):
+        if isinstance(err.get(key), str):
+            err[key] = _printable(err[key])
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
 async def _listen_for_disconnect(request: Request) -> None:
@@ -71,8 +94,15 @@ def _as_response(result: Any) -> Response:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    if bad_json:  # loc is a character offset there, not a field
+        loc = bad_json[0].get("loc", ())
+        pos = next((x for x in loc if isinstance(x, int)), None)
+        where = f" at character {pos}" if pos is not None else ""
+        return f"The request body is not valid JSON{where}.", None
     parts, first = [], None
-    for err in exc.errors():
+    for err in errors:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         # Drop pydantic's union-branch names ("str", "list[int]") so the field stays readable.
         field = ".".join(x for x in loc if not any(c in x for c in "[]|") and x not in ("str",))
@@ -86,12 +116,16 @@ def build_app(
     served_model_name: str,
     api_key: str | None = None,
     max_waiting: int | None = None,
+    max_body_size: int | None = DEFAULT_MAX_BODY_BYTES,
+    lifecycle: Lifecycle | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncLLM. The caller owns the engine (starts
-    it before and shuts it down after), so several apps may share one engine in tests."""
+    it before and shuts it down after), so several apps may share one engine in tests.
+    `lifecycle` is what a DrainingServer drains on shutdown (app.state.lifecycle)."""
     metrics = ServerMetrics()
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics, max_waiting)
-    chat = OpenAIServingChat(engine, served_model_name, metrics, max_waiting)
+    life = lifecycle if lifecycle is not None else Lifecycle()
+    completion = OpenAIServingCompletion(engine, served_model_name, metrics, max_waiting, life)
+    chat = OpenAIServingChat(engine, served_model_name, metrics, max_waiting, life)
 
     async def check_api_key(request: Request) -> None:
         if api_key is None:
@@ -106,9 +140,12 @@ def build_app(
                 code="invalid_api_key",
             )
 
-    app = FastAPI(title="vtensor", version="0.1.0")
+    # Starlette's RequestBodyLimitMiddleware: 413 once the body passes max_body_size bytes.
+    app = FastAPI(title="vtensor", version="0.1.0", max_body_size=max_body_size)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.lifecycle = life
+    app.state.max_model_len = completion.max_model_len
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     @v1.get("/models")
@@ -134,11 +171,9 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        dead = engine_dead(engine)
-        if dead is not None:
-            return error_response(
-                OpenAIError(f"engine failed: {dead!r}", status=503, type="server_error")
-            )
+        """200 while the engine lives (a failed request does not count); 503 once it died."""
+        if engine_dead(engine) is not None:
+            return error_response(engine_dead_error())
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -158,14 +193,17 @@ def build_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg, code = str(exc.detail), None
+        if exc.status_code == 413:
+            limit = f" of {max_body_size} bytes" if max_body_size is not None else ""
+            msg, code = f"The request body is larger than the server's limit{limit}.", "too_large"
         return error_response(
-            OpenAIError(str(exc.detail), status=exc.status_code, type=kind, headers=exc.headers)
+            OpenAIError(msg, status=exc.status_code, type=kind, code=code, headers=exc.headers)
         )
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(
-            OpenAIError(f"{type(exc).__name__}: {exc}", status=500, type="internal_error")
-        )
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(internal_error())
 
     return app

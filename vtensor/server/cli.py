@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_BODY = 16 * 2**20  # = api.DEFAULT_MAX_BODY_BYTES (not imported: fastapi is slow)
 
 log = logging.getLogger("vtensor.serve")
+
+
+def _size(text: str) -> int:
+    from vtensor.engine.engine import parse_memory
+
+    try:
+        n = parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("kv_memory", "size")) from None
+    if not isinstance(n, int):
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes, e.g. 16MiB")
+    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("VTENSOR_API_KEY"),
@@ -35,19 +51,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-waiting",
         type=int,
         default=None,
-        help="answer 503 + Retry-After when this many requests wait for a first token",
+        help="answer 503 + Retry-After when this many engine requests (prompts x n) wait for "
+        "a first token (default: unlimited)",
     )
     p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--max-body-size",
+        type=_size,
+        default=DEFAULT_MAX_BODY,
+        help="largest request body in bytes (16MiB); bigger ones get 413",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM / Ctrl-C, seconds to let running requests finish; then the rest end "
+        "with an error chunk (30)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log verbosity (info)",
     )
     eng = p.add_argument_group("engine")
     eng.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     eng.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    eng.add_argument("--max-model-len", type=int, default=None)
-    eng.add_argument("--kv", choices=["virtual", "paged"], default="virtual")
-    eng.add_argument("--kv-memory", default=None, help="KV budget (engine's format, e.g. 4GiB)")
-    eng.add_argument("--max-num-seqs", type=int, default=None)
-    eng.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy")
+    eng.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's, at most 8192)",
+    )
+    eng.add_argument(
+        "--kv",
+        choices=["virtual", "paged"],
+        default="virtual",
+        help="KV cache: virtual tensors (default) or a block-table pool",
+    )
+    eng.add_argument("--kv-memory", default=None, help="KV budget: bytes (4GiB) or fraction (0.8)")
+    eng.add_argument(
+        "--max-num-seqs", type=int, default=None, help="most requests per step (256 GPU, 32 CPU)"
+    )
+    eng.add_argument(
+        "--load-format",
+        default="auto",
+        help="auto | safetensors | gguf | dummy (dummy: random weights)",
+    )
     eng.add_argument(
         "--kv-idle-trim",
         dest="kv_idle_trim_s",
@@ -78,21 +127,78 @@ def engine_args(args: argparse.Namespace) -> Any:
     return EngineArgs(**kw)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading the model: a busy port is reported in a second, not after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e})"
+        raise OSError(f"{host}:{port} {why}; pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
 
-    from vtensor.engine import AsyncLLM
-    from vtensor.server.api import build_app
+
+def fit_kv_budget(engine: Any) -> str | None:
+    """A KV budget smaller than one max-length request: the server accepts only what fits
+    (build_app lowers max_model_len to the capacity). Returns the warning to show, or raises
+    ValueError when not even a short request fits."""
+    from vtensor.server.serving_engine import engine_max_model_len, kv_token_capacity
+
+    cap, mml = kv_token_capacity(engine), engine_max_model_len(engine)
+    if cap is None or cap >= mml:
+        return None
+    if cap < 16:
+        raise ValueError(f"the KV budget holds only {cap} tokens: raise --kv-memory")
+    return (f"the KV budget holds {cap} tokens, less than max_model_len {mml}: serving requests "
+            f"of at most {cap} tokens (raise --kv-memory or lower --max-model-len)")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from vtensor.cli import cli_message
+    from vtensor.entrypoints.common import load_engine, usage_errors
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.max_waiting is not None and args.max_waiting < 0:
-        raise SystemExit("--max-waiting must be >= 0")
-    engine = AsyncLLM(engine_args(args))
+        raise SystemExit("vtensor serve: --max-waiting must be >= 0")
+    if args.drain_timeout < 0:
+        raise SystemExit("vtensor serve: --drain-timeout must be >= 0")
     try:
-        name = served_name(args)
-        app = build_app(engine, name, api_key=args.api_key, max_waiting=args.max_waiting)
-        log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        engine.shutdown()
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        print(f"vtensor serve: {e}", file=sys.stderr)
+        return 2
+    with sock:
+        try:
+            import uvicorn
+
+            from vtensor.engine import AsyncLLM
+            from vtensor.server.api import build_app
+            from vtensor.server.lifecycle import DrainingServer, Lifecycle
+
+            ea = engine_args(args)
+            engine, _ = load_engine("serve", args.model, lambda: AsyncLLM(ea))
+        except usage_errors() as e:
+            print(f"vtensor serve: {cli_message(e)}", file=sys.stderr)
+            return 2
+        try:
+            warning = fit_kv_budget(engine)
+            if warning:
+                print(f"vtensor serve: warning: {warning}", file=sys.stderr)
+            name = served_name(args)
+            life = Lifecycle()
+            app = build_app(engine, name, api_key=args.api_key, max_waiting=args.max_waiting,
+                            max_body_size=args.max_body_size, lifecycle=life)  # fmt: skip
+            config = uvicorn.Config(app, log_level=args.log_level)
+            server = DrainingServer(config, life, args.drain_timeout)
+            log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
+            server.run(sockets=[sock])
+        except usage_errors() as e:
+            print(f"vtensor serve: {cli_message(e)}", file=sys.stderr)
+            return 2
+        finally:
+            engine.shutdown()
     return 0

@@ -11,7 +11,9 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vtensor.engine.sampling_params import MAX_REPETITION_PENALTY, MAX_TOP_K
 
 # OpenAI's documented limits (vLLM accepts up to 20 completion logprobs; so do we).
 MAX_N = 32
@@ -28,6 +30,32 @@ def now() -> int:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    return False
+
+
+class RequestModel(OpenAIModel):
+    """Base of what clients send. JSON allows `"\\ud800"`, a lone UTF-16 surrogate that no
+    tokenizer (nor UTF-8) can encode: rejected here as a 400 naming the field."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_lone_surrogates(cls, v: Any) -> Any:
+        if _has_lone_surrogate(v):
+            raise ValueError("contains a lone UTF-16 surrogate (invalid Unicode)")
+        return v
 
 
 # ----------------------------------------------------------------------------- errors
@@ -63,7 +91,7 @@ class ModelList(OpenAIModel):
 # ----------------------------------------------------------------------------- shared
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
@@ -85,7 +113,7 @@ MaxTokens = Annotated[int, Field(ge=1)]
 Stop = str | list[str] | None
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     """Fields both endpoints share; `to_sampling_params` in serving_engine.py reads them."""
 
     model: str | None = None
@@ -100,10 +128,11 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM-style extensions, accepted by the same clients through extra_body.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    # vLLM-style extensions, accepted by the same clients through extra_body (bounded as the
+    # engine's SamplingParams: a huge top_k once overflowed in the sampler).
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] | None = None
     ignore_eos: bool = False
 
 
@@ -155,12 +184,12 @@ class CompletionStreamResponse(OpenAIModel):
 # ----------------------------------------------------------------------------- chat
 
 
-class ContentPart(OpenAIModel):
+class ContentPart(RequestModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(OpenAIModel):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None

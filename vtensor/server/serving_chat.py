@@ -7,8 +7,10 @@ matches it and `usage.prompt_tokens_details.cached_tokens` reports what was not 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from vtensor.server.protocol import (
     ChatCompletionRequest,
@@ -27,6 +29,7 @@ from vtensor.server.serving_engine import (
     OpenAIError,
     OpenAIServing,
     SubRequest,
+    chain_first,
     finish_reason,
     make_usage,
     sse,
@@ -49,20 +52,22 @@ class OpenAIServingChat(OpenAIServing):
             raise OpenAIError(
                 "`top_logprobs` requires `logprobs` to be true.", param="top_logprobs"
             )
-        ids = self.render(req)
+        self.check_capacity(req.n)  # before paying for the template and tokenization
+        # Tokenizing a long conversation takes seconds: off the event loop.
+        ids = await asyncio.to_thread(self.render, req)
         self.check_token_ids(ids, "messages")
         asked = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(ids), asked, param)
-        self.check_capacity()
         # The engine reports the chosen token's logprob plus `top_logprobs` alternatives.
         k = (req.top_logprobs or 0) if req.logprobs else None
         subs = self.make_subrequests([ids], req, max_tokens=[max_tokens], logprobs=k)
+        it, first = await self.start(subs)
         if req.stream:
-            return self._stream(req, subs)
-        return await self._full(req, subs)
+            return self.stream_errors("chatcmpl", self._stream(req, subs, it, first))
+        return await self._full(req, subs, it)
 
     def render(self, req: ChatCompletionRequest) -> list[int]:
         # "developer" is OpenAI's new name for "system"; templates know only the latter.
@@ -76,7 +81,8 @@ class OpenAIServingChat(OpenAIServing):
                 msgs, chat_template=template, tokenize=False, add_generation_prompt=True
             )
         except Exception as e:  # jinja raise_exception(), e.g. roles out of order
-            raise OpenAIError(f"Cannot apply the chat template: {e}", param="messages") from e
+            msg = getattr(e, "message", None) or str(e)
+            raise OpenAIError(f"Cannot apply the chat template: {msg}", param="messages") from e
         return self.encode(text)
 
     def _logprobs(self, sub: SubRequest, start: int, end: int, k: int) -> ChatLogProbs:
@@ -99,9 +105,9 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogProbs(content=content)
 
     async def _full(
-        self, req: ChatCompletionRequest, subs: list[SubRequest]
+        self, req: ChatCompletionRequest, subs: list[SubRequest], it: Any
     ) -> ChatCompletionResponse:
-        async with aclosing(self.generate(subs)) as it:
+        async with aclosing(it):
             async for _ in it:
                 pass
         choices = []
@@ -127,43 +133,35 @@ class OpenAIServingChat(OpenAIServing):
         )
 
     async def _stream(
-        self, req: ChatCompletionRequest, subs: list[SubRequest]
+        self, req: ChatCompletionRequest, subs: list[SubRequest], it: Any, first: Any
     ) -> AsyncIterator[str]:
         rid = random_id("chatcmpl")
         sent_text = [0] * len(subs)
         sent_tok = [0] * len(subs)
-        try:
+        async with aclosing(it):
             for s in subs:  # OpenAI opens every choice with an empty assistant delta
                 yield sse(self._chunk(rid, s.index, DeltaMessage(role="assistant", content="")))
-            async with aclosing(self.generate(subs)) as it:
-                async for s in it:
-                    out, i = s.last, s.index
-                    text = out.outputs[0].text
-                    delta = text[sent_text[i] :]
-                    fr = finish_reason(out)
-                    if not delta and fr is None:
-                        continue
-                    lps = None
-                    if req.logprobs:
-                        lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.top_logprobs or 0)
-                        sent_tok[i] = s.num_tokens
-                    sent_text[i] = len(text)
-                    sr = stop_reason(out) if fr else None
-                    yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(
-                    ChatCompletionStreamResponse(
-                        id=rid,
-                        model=self.served_model_name,
-                        choices=[],
-                        usage=make_usage(subs, req.n),
-                    )
+            async for s in chain_first(first, it):
+                out, i = s.last, s.index
+                text = out.outputs[0].text
+                delta = text[sent_text[i] :]
+                fr = finish_reason(out)
+                if not delta and fr is None:
+                    continue
+                lps = None
+                if req.logprobs:
+                    lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.top_logprobs or 0)
+                    sent_tok[i] = s.num_tokens
+                sent_text[i] = len(text)
+                sr = stop_reason(out) if fr else None
+                yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr))
+        if req.stream_options and req.stream_options.include_usage:
+            usage = make_usage(subs, req.n)
+            yield sse(
+                ChatCompletionStreamResponse(
+                    id=rid, model=self.served_model_name, choices=[], usage=usage
                 )
-        except OpenAIError as e:
-            yield sse(e.to_response())
-        except Exception as e:  # headers are sent: report in-band, then close cleanly
-            yield sse(OpenAIError(f"{type(e).__name__}: {e}", type="internal_error").to_response())
-        yield sse("[DONE]")
+            )
 
     def _chunk(self, rid, index, delta, lps=None, fr=None, sr=None) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(

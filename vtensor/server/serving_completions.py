@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from vtensor.server.protocol import (
     CompletionLogProbs,
@@ -17,6 +19,7 @@ from vtensor.server.serving_engine import (
     OpenAIError,
     OpenAIServing,
     SubRequest,
+    chain_first,
     finish_reason,
     make_usage,
     sse,
@@ -38,18 +41,22 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("`suffix` is not supported.", param="suffix")
         if req.echo and req.logprobs is not None:
             raise OpenAIError("`echo` together with `logprobs` is not supported.", param="echo")
-        prompts = self._prompts(req.prompt)
+        items = self._prompt_items(req.prompt)
+        self.check_capacity(len(items) * req.n)  # before paying for tokenization
+        # Tokenizing a long prompt takes seconds: off the event loop (health, streams go on).
+        prompts = await asyncio.to_thread(self._prompts, items)
         max_tokens = [
             self.resolve_max_tokens(len(p), req.max_tokens, "max_tokens") for p in prompts
         ]
-        self.check_capacity()
         subs = self.make_subrequests(prompts, req, max_tokens=max_tokens, logprobs=req.logprobs)
         echo = [self._prompt_text(req.prompt, i) if req.echo else "" for i in range(len(prompts))]
+        it, first = await self.start(subs)
         if req.stream:
-            return self._stream(req, subs, echo)
-        return await self._full(req, subs, echo)
+            return self.stream_errors("cmpl", self._stream(req, subs, echo, it, first))
+        return await self._full(req, subs, echo, it)
 
-    def _prompts(self, prompt: str | list) -> list[list[int]]:
+    @staticmethod
+    def _prompt_items(prompt: str | list) -> list:
         if isinstance(prompt, str):
             items: list = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -60,6 +67,9 @@ class OpenAIServingCompletion(OpenAIServing):
             raise OpenAIError("The prompt is empty.", param="prompt")
         if len(items) > MAX_PROMPTS:
             raise OpenAIError(f"At most {MAX_PROMPTS} prompts per request.", param="prompt")
+        return items
+
+    def _prompts(self, items: list) -> list[list[int]]:
         out = []
         for item in items:
             ids = self.encode(item, add_special_tokens=True) if isinstance(item, str) else item
@@ -90,9 +100,9 @@ class OpenAIServingCompletion(OpenAIServing):
         return res
 
     async def _full(
-        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str]
+        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str], it: Any
     ) -> CompletionResponse:
-        async with aclosing(self.generate(subs)) as it:
+        async with aclosing(it):
             async for _ in it:
                 pass
         choices = []
@@ -119,45 +129,37 @@ class OpenAIServingCompletion(OpenAIServing):
         )
 
     async def _stream(
-        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str]
+        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str], it: Any, first: Any
     ) -> AsyncIterator[str]:
         rid = random_id("cmpl")
         sent_text = [0] * len(subs)  # characters already streamed, per choice
         sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
         offset = [len(echo[s.index // req.n]) for s in subs]
-        try:
+        async with aclosing(it):
             for s in subs:  # echo goes first, in its own chunk per choice
                 if echo[s.index // req.n]:
                     yield sse(self._chunk(rid, s.index, echo[s.index // req.n]))
-            async with aclosing(self.generate(subs)) as it:
-                async for s in it:
-                    out, i = s.last, s.index
-                    text = out.outputs[0].text
-                    delta = text[sent_text[i] :]
-                    fr = finish_reason(out)
-                    if not delta and fr is None:
-                        continue  # a token whose text is held back (partial stop / UTF-8)
-                    lps = None
-                    if req.logprobs is not None:
-                        lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.logprobs, offset[i])
-                        offset[i] += sum(len(t) for t in lps.tokens)
-                        sent_tok[i] = s.num_tokens
-                    sent_text[i] = len(text)
-                    yield sse(self._chunk(rid, i, delta, lps, fr, stop_reason(out) if fr else None))
-            if req.stream_options and req.stream_options.include_usage:
-                yield sse(
-                    CompletionStreamResponse(
-                        id=rid,
-                        model=self.served_model_name,
-                        choices=[],
-                        usage=make_usage(subs, req.n),
-                    )
+            async for s in chain_first(first, it):
+                out, i = s.last, s.index
+                text = out.outputs[0].text
+                delta = text[sent_text[i] :]
+                fr = finish_reason(out)
+                if not delta and fr is None:
+                    continue  # a token whose text is held back (partial stop / UTF-8)
+                lps = None
+                if req.logprobs is not None:
+                    lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.logprobs, offset[i])
+                    offset[i] += sum(len(t) for t in lps.tokens)
+                    sent_tok[i] = s.num_tokens
+                sent_text[i] = len(text)
+                yield sse(self._chunk(rid, i, delta, lps, fr, stop_reason(out) if fr else None))
+        if req.stream_options and req.stream_options.include_usage:
+            usage = make_usage(subs, req.n)
+            yield sse(
+                CompletionStreamResponse(
+                    id=rid, model=self.served_model_name, choices=[], usage=usage
                 )
-        except OpenAIError as e:
-            yield sse(e.to_response())
-        except Exception as e:  # the status line is gone; report in-band, then end the stream
-            yield sse(OpenAIError(f"{type(e).__name__}: {e}", type="internal_error").to_response())
-        yield sse("[DONE]")
+            )
 
     def _chunk(self, rid, index, text, lps=None, fr=None, sr=None) -> CompletionStreamResponse:
         return CompletionStreamResponse(

@@ -9,6 +9,7 @@ shares the prompt's pages between them, and aborting one client aborts exactly i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 import anyio
 
 from vtensor.engine.async_engine import EngineDeadError
+from vtensor.engine.errors import ErrorKind, RequestError, RequestFailedError
+from vtensor.server.lifecycle import SHUTDOWN, Lifecycle
 from vtensor.server.metrics import ServerMetrics
 from vtensor.server.protocol import (
     ErrorInfo,
@@ -26,6 +29,8 @@ from vtensor.server.protocol import (
     UsageInfo,
     random_id,
 )
+
+log = logging.getLogger("vtensor.serve")
 
 
 class OpenAIError(Exception):
@@ -55,6 +60,49 @@ class OpenAIError(Exception):
         )
 
 
+# The one mapping from an engine failure (ErrorKind) to HTTP: status, OpenAI type, code.
+FAILURE_HTTP: dict[ErrorKind, tuple[int, str, str]] = {
+    ErrorKind.TOO_LARGE: (400, "invalid_request_error", "request_too_large"),
+    ErrorKind.INVALID: (400, "invalid_request_error", "invalid_request"),
+    ErrorKind.INTERNAL: (500, "server_error", "internal_error"),
+}
+
+
+def failure_error(error: RequestError) -> OpenAIError:
+    """The client's view of a request the engine failed (its message is client-safe)."""
+    status, type_, code = FAILURE_HTTP.get(error.kind, FAILURE_HTTP[ErrorKind.INTERNAL])
+    return OpenAIError(error.message, status=status, type=type_, code=code)
+
+
+def internal_error() -> OpenAIError:
+    """A bug in the server: the details go to the log, never to the client."""
+    return OpenAIError(
+        "Internal server error (details are in the server log).",
+        status=500,
+        type="server_error",
+        code="internal_error",
+    )
+
+
+def engine_dead_error() -> OpenAIError:
+    return OpenAIError(
+        "The inference engine has failed and the server must be restarted.",
+        status=503,
+        type="server_error",
+        code="engine_dead",
+    )
+
+
+def shutting_down_error() -> OpenAIError:
+    return OpenAIError(
+        "The server is shutting down. Retry on another instance or later.",
+        status=503,
+        type="server_error",
+        code="server_shutting_down",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _find(obj: Any, paths: Sequence[str]) -> Any:
     """First attribute path (dotted) that resolves on obj, else None."""
     for path in paths:
@@ -69,9 +117,9 @@ def _find(obj: Any, paths: Sequence[str]) -> Any:
 
 
 def engine_dead(engine: Any) -> BaseException | None:
-    """The error that killed the engine's step thread, if it died (AsyncLLM has no public
-    accessor for it yet)."""
-    return getattr(engine, "_dead", None)
+    """The error that killed the engine's step thread, if it died (for the log only)."""
+    dead = getattr(engine, "dead", None)
+    return dead if isinstance(dead, BaseException) else getattr(engine, "_dead", None)
 
 
 def engine_tokenizer(engine: Any) -> Any:
@@ -98,6 +146,21 @@ def engine_max_model_len(engine: Any) -> int:
     return int(n)
 
 
+def kv_token_capacity(engine: Any) -> int | None:
+    """Most tokens one request can hold in the KV cache with the engine to itself (None:
+    unbounded or unknown). A request longer than this can never run."""
+    kv = _find(engine, ("kv_cache", "engine.kv_cache"))
+    if kv is None:
+        return None
+    snap = kv.snapshot()
+    if snap.get("num_blocks") and snap.get("block_size"):  # paged: whole blocks of tokens
+        return int(snap["num_blocks"]) * int(snap["block_size"])
+    pages, ps, bpt = snap.get("budget_pages"), snap.get("page_size"), snap.get("bytes_per_token")
+    if not pages or not ps or not bpt:
+        return None
+    return int(pages) * int(ps) // int(bpt)
+
+
 @dataclass(slots=True)
 class SubRequest:
     """One engine request: choice `index` of the HTTP request."""
@@ -119,13 +182,20 @@ class OpenAIServing:
         served_model_name: str,
         metrics: ServerMetrics,
         max_waiting: int | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.max_waiting = max_waiting
+        self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
         self.tokenizer = engine_tokenizer(engine)
-        self.max_model_len = engine_max_model_len(engine)
+        # A KV budget smaller than one max-length request lowers what we accept: a request
+        # that can never fit gets a 400 up front instead of failing after its first tokens.
+        self.engine_max_model_len = engine_max_model_len(engine)
+        capacity = kv_token_capacity(engine)
+        self.kv_limited = capacity is not None and capacity < self.engine_max_model_len
+        self.max_model_len = capacity if self.kv_limited else self.engine_max_model_len
         vocab = _find(engine, ("model_config.vocab_size", "engine.model_config.vocab_size"))
         self.vocab_size = int(vocab) if vocab is not None else len(self.tokenizer)
 
@@ -141,16 +211,39 @@ class OpenAIServing:
                 code="model_not_found",
             )
 
-    def check_capacity(self) -> None:
-        if self.max_waiting is not None and self.metrics.num_waiting >= self.max_waiting:
+    def check_capacity(self, k: int) -> None:
+        """Refuse k more engine requests (prompts x n) when the queue cannot take them. Cheap:
+        called before tokenizing, and again by `admit` where they are counted."""
+        if self.lifecycle.draining:
+            raise shutting_down_error()
+        if dead := engine_dead(self.engine):
+            log.error("request refused, the engine is dead: %r", dead)
+            raise engine_dead_error()
+        cap = self.max_waiting
+        if cap is None:
+            return
+        if 0 < cap < k:  # retrying would not help: a client error
+            raise OpenAIError(
+                f"This request needs {k} engine requests (prompts x n) but the server queues "
+                f"at most {cap} (--max-waiting). Send fewer prompts or a smaller n.",
+                param="n",
+                code="too_many_choices",
+            )
+        if self.metrics.num_waiting + k > cap:
             raise OpenAIError(
                 f"Server overloaded: {self.metrics.num_waiting} requests waiting "
-                f"(--max-waiting {self.max_waiting}). Retry later.",
+                f"(--max-waiting {cap}). Retry later.",
                 status=503,
                 type="server_overloaded",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
+
+    def admit(self, k: int) -> None:
+        """Check and count k engine requests as waiting, with no await in between (one event
+        loop: concurrent requests cannot all pass the check before any is counted)."""
+        self.check_capacity(k)
+        self.metrics.num_waiting += k
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         # Chat templates carry their own BOS; raw completion prompts get the tokenizer's.
@@ -170,9 +263,10 @@ class OpenAIServing:
         room = self.max_model_len - prompt_len
         if room <= 0 or (max_tokens is not None and max_tokens > room):
             asked = prompt_len + (max_tokens or 0)
+            why = " (limited by the server's KV cache budget)" if self.kv_limited else ""
             raise OpenAIError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {asked} tokens ({prompt_len} in the prompt, "
+                f"This model's maximum context length is {self.max_model_len} tokens{why}. "
+                f"However, you requested {asked} tokens ({prompt_len} in the prompt, "
                 f"{max_tokens or 0} for the completion). Please reduce the length.",
                 param=param,
                 code="context_length_exceeded",
@@ -200,15 +294,15 @@ class OpenAIServing:
             logprobs=logprobs,
             ignore_eos=req.ignore_eos,
         )
-        if req.top_k is not None:
-            kw["top_k"] = req.top_k
+        if req.top_k is not None:  # k >= vocab keeps every token: the same as k = vocab
+            kw["top_k"] = min(req.top_k, self.vocab_size)
         if req.min_p is not None:
             kw["min_p"] = req.min_p
         if req.repetition_penalty is not None:
             kw["repetition_penalty"] = req.repetition_penalty
         try:
             return SamplingParams(**kw)
-        except (ValueError, TypeError) as e:  # the engine's own validation
+        except (ValueError, TypeError) as e:  # the engine's own validation (names the field)
             raise OpenAIError(f"Invalid sampling parameters: {e}") from e
 
     def make_subrequests(
@@ -235,11 +329,14 @@ class OpenAIServing:
 
     async def generate(self, subs: list[SubRequest]) -> AsyncIterator[SubRequest]:
         """Run the sub-requests concurrently; yield a sub-request each time it has new output
-        (its `.last` is the engine's RequestOutput). On cancellation (client gone) or error,
-        every unfinished sub-request is aborted in the engine, which frees its KV at once."""
-        queue: asyncio.Queue[tuple[SubRequest | None, Any, BaseException | None]] = asyncio.Queue()
+        (its `.last` is the engine's RequestOutput). Admission (`--max-waiting`) happens on the
+        first `__anext__`, before anything reaches the engine. On cancellation (client gone),
+        error or the drain deadline, every unfinished sub-request is aborted in the engine,
+        which frees its KV at once. Errors leave as OpenAIError with a client-safe message."""
+        self.admit(len(subs))
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         waiting = set(range(len(subs)))
-        self.metrics.num_waiting += len(subs)
+        self.lifecycle.register(queue)
 
         async def pump(sub: SubRequest) -> None:
             try:
@@ -248,12 +345,18 @@ class OpenAIServing:
             except asyncio.CancelledError:
                 raise
             except EngineDeadError as e:  # not the client's fault, and not going to recover
-                err = OpenAIError(str(e), status=503, type="server_error", code="engine_dead")
-                queue.put_nowait((sub, None, err))
+                log.error("request %s: engine dead: %s", sub.request_id, e)
+                queue.put_nowait((sub, None, engine_dead_error()))
+            except RequestFailedError as e:  # the engine failed this request alone
+                log.warning("request %s failed (%s): %s", sub.request_id, e.error.kind.value, e)
+                queue.put_nowait((sub, None, failure_error(e.error)))
             except (ValueError, TypeError) as e:  # the engine rejected the request's input
                 queue.put_nowait((sub, None, OpenAIError(f"Invalid request: {e}")))
-            except BaseException as e:  # surfaced to the consumer, not lost in a task
-                queue.put_nowait((sub, None, e))
+            except BaseException as e:  # a bug: logged, reported without its details
+                log.exception("request %s: unexpected error", sub.request_id)
+                queue.put_nowait((sub, None, internal_error()))
+                if not isinstance(e, Exception):
+                    raise
             finally:
                 queue.put_nowait((None, sub.index, None))
 
@@ -263,7 +366,10 @@ class OpenAIServing:
         finished: set[int] = set()
         try:
             while remaining:
-                sub, out, err = await queue.get()
+                item = await queue.get()
+                if item is SHUTDOWN:
+                    raise shutting_down_error()
+                sub, out, err = item
                 if sub is None:  # the pump of choice `out` ended
                     remaining -= 1
                     finished.add(out)
@@ -274,20 +380,18 @@ class OpenAIServing:
                 if err is not None:
                     raise err
                 self._observe(sub, out)
-                if out.finished and getattr(out, "error", None):
-                    # The engine gave up on it (e.g. its KV can never fit): not the client's
-                    # fault, but not a silent truncation either.
-                    raise OpenAIError(
-                        f"The engine aborted the request: {out.error}",
-                        status=503,
-                        type="server_error",
-                        code="engine_aborted",
-                    )
+                error = getattr(out, "error", None)
+                if out.finished and error is not None:  # (AsyncLLM raises these itself)
+                    if isinstance(error, RequestError):
+                        raise failure_error(error)
+                    log.warning("request %s failed: %s", sub.request_id, error)
+                    raise internal_error()
                 if sub.index in waiting and sub.num_tokens > 0:
                     waiting.discard(sub.index)
                     self.metrics.num_waiting -= 1
                 yield sub
         finally:
+            self.lifecycle.unregister(queue)
             self.metrics.num_waiting -= len(waiting)
             unfinished = [s for s in subs if s.index not in finished]
             for t in tasks:
@@ -298,6 +402,30 @@ class OpenAIServing:
                     for s in unfinished:
                         await self.engine.abort(s.request_id)
                     self.metrics.num_aborted += len(unfinished)
+
+    async def start(self, subs: list[SubRequest]) -> tuple[AsyncIterator[SubRequest], Any]:
+        """Admit the sub-requests and wait for the first output of any of them, so that every
+        error up to then (overload, a request that can never fit, a dead engine) is an HTTP
+        status rather than a 200 stream that fails. Returns (the generator, its first item)."""
+        it = self.generate(subs)
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+        return it, first
+
+    async def stream_errors(self, rid: str, body: AsyncIterator[str]) -> AsyncIterator[str]:
+        """SSE body wrapper: once the status line is gone an error is reported in-band as a
+        final `{"error": ...}` event, and the stream always ends with `data: [DONE]`."""
+        try:
+            async for chunk in body:
+                yield chunk
+        except OpenAIError as e:
+            yield sse(e.to_response())
+        except Exception:
+            log.exception("stream %s failed", rid)
+            yield sse(internal_error().to_response())
+        yield sse("[DONE]")
 
     def _observe(self, sub: SubRequest, out: Any) -> None:
         now = time.perf_counter()
@@ -368,6 +496,14 @@ def make_usage(subs: list[SubRequest], n: int) -> UsageInfo:
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )
+
+
+async def chain_first(first: Any, it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """`first` (unless None), then the rest of `it` (closing `it` is the caller's job)."""
+    if first is not None:
+        yield first
+    async for x in it:
+        yield x
 
 
 def sse(obj: Any) -> str:
