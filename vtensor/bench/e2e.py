@@ -258,10 +258,32 @@ def _worker_cmd(args, system: str, keys: list[str], out_path: str, deadline: flo
     return cmd + ["--size", args.size]
 
 
+def _run_vllm_offline(spec, wls, deadline, work_dir, args) -> dict:
+    """vLLM always runs in a process of its own (vllm_system.py), whatever --inprocess says."""
+    from vtensor.bench.vllm_system import run_offline_subprocess, vllm_unavailable
+
+    why = vllm_unavailable()
+    if why is None and spec.load_format == "dummy" and spec.model and not os.path.isdir(
+        spec.model
+    ):
+        spec = servable(spec, max(w.max_context() for w in wls))  # a folder with a config.json
+    if why is None and not (spec.model and os.path.isdir(spec.model)):
+        why = f"vllm: skipped, {spec.name} is not an HF folder or a dummy preset"
+    if why:
+        return {"system": "vllm", "workloads": {}, "notes": [why]}
+    return run_offline_subprocess(
+        spec.model, wls, max_model_len=max(w.max_context() for w in wls),
+        out_path=str(Path(work_dir) / "vllm.json"), timeout=deadline - time.time() + 20,
+        dtype=spec.dtype, load_format=spec.load_format, sample_interval=args.sample_interval,
+    )  # fmt: skip
+
+
 def _run_offline_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
     trange = tuple(results["token_range"])
     keys = [w.name for w in wls]
-    if args.inprocess:
+    if system == "vllm":
+        r = _run_vllm_offline(spec, wls, deadline, work_dir, args)
+    elif args.inprocess:
         try:
             r = run_system(system, spec, wls, args, deadline)
         except Exception as e:
@@ -329,10 +351,21 @@ def _encoder(spec: ModelSpec):
 def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
     import importlib.util
 
-    from vtensor.bench.online import ServerProcess, run_online
+    from vtensor.bench.online import ServerProcess, VLLMServer, run_online
+    from vtensor.bench.vllm_system import ONLINE_EXTRA_BODY, parse_backend, vllm_unavailable
 
+    if system == "vllm":
+        why = vllm_unavailable()
+        if why is None and spec.load_format not in ("dummy", "auto"):
+            why = f"vllm: skipped, load format {spec.load_format}"
+        if why is None and spec.model is None:
+            why = "vllm: skipped, the embedded GGUF model (vLLM needs an HF folder or a preset)"
+        if why:
+            results["notes"].append(f"online {why}")
+            log(results["notes"][-1])
+            return
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
+    if missing and system != "vllm":  # vLLM brings its own, in its own site
         results["notes"].append(f"online {system}: not run, `vtensor serve` needs {missing}")
         log(results["notes"][-1])
         return
@@ -348,10 +381,21 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
             return
         max_len = max(w.max_context() for w in wls)
     log_path = str(Path(work_dir) / f"serve_{system}.log")
-    encode = _encoder(spec) if any(w.multi_turn for w in wls) else None
+    startup = max(30.0, deadline - time.time())
+    if system == "vllm":  # token ids come back in the stream: no re-tokenizing
+        encode, extra = None, ONLINE_EXTRA_BODY
+        server = VLLMServer(spec.model, max_model_len=max_len, dtype=spec.dtype,
+                            load_format=spec.load_format, startup_timeout=startup,
+                            log_path=log_path)  # fmt: skip
+    else:
+        encode = _encoder(spec) if any(w.multi_turn for w in wls) else None
+        extra = None
+        server = ServerProcess(serve_args(spec, system, max_len, args), log_path=log_path,
+                               startup_timeout=startup)  # fmt: skip
     try:
-        with ServerProcess(serve_args(spec, system, max_len, args), log_path=log_path,
-                           startup_timeout=max(30.0, deadline - time.time())) as srv:  # fmt: skip
+        t_start = time.time()
+        with server as srv:
+            startup_s = time.time() - t_start
             for wl in wls:
                 if time.time() > deadline:
                     results["notes"].append(f"online {system}: skipped {wl.name} (time cap)")
@@ -361,9 +405,14 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
                 dl = time.perf_counter() + (deadline - time.time())
                 rec = run_online(srv.base_url, "bench", wl, rate=rate, seed=args.seed,
                                  slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                                 encode=encode, deadline=dl, rss_pid=srv.proc.pid)  # fmt: skip
+                                 encode=encode, deadline=dl, rss_pid=srv.proc.pid,
+                                 extra_body=extra)  # fmt: skip
                 rec["system"] = system
                 rec["retokenized_replies"] = encode is not None
+                rec["server_startup_s"] = round(startup_s, 1)
+                if system == "vllm":
+                    text = Path(log_path).read_text(errors="replace")
+                    rec["vllm"] = {"serve_cmd": server.command()[1:], **parse_backend(text)}
                 results["workloads"][wl.name]["online"][system] = rec
                 log(f"online {system}: {wl.name}: {rec['num_ok']}/{rec['num_requests']} ok, "
                     f"TTFT p50 {rec['ttft_ms'].get('p50', float('nan')):.1f} ms")  # fmt: skip
@@ -391,8 +440,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help=f"workloads to run online ('' for none); default {FULL_ONLINE}",
     )
-    p.add_argument("--systems", default="virtual,paged,hf", help="offline systems")
-    p.add_argument("--online-systems", default="virtual,paged")
+    p.add_argument("--systems", default="virtual,paged,hf",
+                   help="offline systems: virtual, paged, hf, vllm (vLLM in its own process; "
+                        "skipped with a note where it is not installed)")  # fmt: skip
+    p.add_argument("--online-systems", default="virtual,paged", help="also: vllm")
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU): --size quick")
     p.add_argument("--size", default=None, choices=sorted(W.SIZES),
                    help="workload sizes (default full; --quick: quick)")  # fmt: skip
@@ -494,7 +545,8 @@ def _main(args: argparse.Namespace, argv: list[str] | None) -> int:
     online_systems = [s for s in _split(args.online_systems) if s != "hf"] if online_keys else []
     phases = [("offline", s) for s in systems] + [("online", s) for s in online_systems]
     # time shares: the engine's offline runs carry every workload; HF only the small sets
-    weight = {("offline", "virtual"): 2.5, ("offline", "paged"): 2.5, ("offline", "hf"): 0.75}
+    weight = {("offline", "virtual"): 2.5, ("offline", "paged"): 2.5, ("offline", "hf"): 0.75,
+              ("offline", "vllm"): 2.5}  # fmt: skip
     for i, (kind, system) in enumerate(phases):
         left = deadline - time.time()
         if left <= 0:

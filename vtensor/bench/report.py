@@ -22,7 +22,7 @@ def compute_ratios(wres: dict) -> dict:
            if "error" not in v and v.get("complete")}  # fmt: skip
     v = off.get("virtual")
     if v:
-        for base in ("paged", "hf"):
+        for base in ("paged", "hf", "vllm"):
             b = off.get(base)
             if not b:
                 continue
@@ -41,12 +41,14 @@ def compute_ratios(wres: dict) -> dict:
             out["peak_memory_vs_vllm_pool"] = peak / pool
     on = {k: r for k, r in wres.get("online", {}).items()
           if r.get("num_ok") and r.get("complete") and not r.get("num_failed")}  # fmt: skip
-    if "virtual" in on and "paged" in on:
-        v, p = on["virtual"], on["paged"]
+    for base in ("paged", "vllm"):
+        if "virtual" not in on or base not in on:
+            continue
+        v, p = on["virtual"], on[base]
         for m, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"),
-                     ("e2e_ms", "p50"), ("e2e_ms", "p99")):  # fmt: skip
-            out[f"online_{m[:-3]}_{q}_vs_paged"] = _ratio(p[m].get(q), v[m].get(q))
-        out["online_goodput_vs_paged"] = _ratio(v.get("goodput_rps"), p.get("goodput_rps"))
+                     ("tpot_ms", "p99"), ("e2e_ms", "p50"), ("e2e_ms", "p99")):  # fmt: skip
+            out[f"online_{m[:-3]}_{q}_vs_{base}"] = _ratio(p[m].get(q), v[m].get(q))
+        out[f"online_goodput_vs_{base}"] = _ratio(v.get("goodput_rps"), p.get("goodput_rps"))
     return out
 
 
@@ -63,8 +65,9 @@ def summary_rows(results: dict) -> list[dict]:
         rows.append({
             "hardware": hw, "model": model, "workload": wl, "metric": metric,
             "virtual": f(vals.get("virtual")), "paged": f(vals.get("paged")),
-            "hf": f(vals.get("hf")),
+            "hf": f(vals.get("hf")), "vllm": f(vals.get("vllm")),
             "virtual_vs_paged": ratio_keys[0], "virtual_vs_hf": ratio_keys[1],
+            "virtual_vs_vllm": ratio_keys[2] if len(ratio_keys) > 2 else "n/a",
         })  # fmt: skip
 
     for key, w in results.get("workloads", {}).items():
@@ -79,7 +82,8 @@ def summary_rows(results: dict) -> list[dict]:
                 key,
                 "offline output tok/s (higher better)",
                 {s: r.get("output_tokens_per_s") for s, r in off.items()},
-                (rs("offline_throughput_vs_paged"), rs("offline_throughput_vs_hf")),
+                (rs("offline_throughput_vs_paged"), rs("offline_throughput_vs_hf"),
+                 rs("offline_throughput_vs_vllm")),
             )
             mkey = (
                 "device_used_peak"
@@ -93,7 +97,8 @@ def summary_rows(results: dict) -> list[dict]:
                     s: ((r.get("memory") or {}).get(mkey) or 0) / 2**30 or None
                     for s, r in off.items()
                 },
-                (rs("peak_memory_saving_vs_paged"), rs("peak_memory_saving_vs_hf")),
+                (rs("peak_memory_saving_vs_paged"), rs("peak_memory_saving_vs_hf"),
+                 rs("peak_memory_saving_vs_vllm")),
                 "{:.2f}",
             )
             pool = {s: _ratio((r.get("memory") or {}).get("device_used_peak"),
@@ -122,17 +127,19 @@ def summary_rows(results: dict) -> list[dict]:
                     key,
                     f"online {label} (lower better)",
                     {s: r[m].get(q) for s, r in on.items()},
-                    (rs(f"online_{m[:-3]}_{q}_vs_paged"), "n/a"),
+                    (rs(f"online_{m[:-3]}_{q}_vs_paged"), "n/a",
+                     rs(f"online_{m[:-3]}_{q}_vs_vllm")),
                 )
             row(key, "online goodput req/s (higher better)",
                 {s: r.get("goodput_rps") for s, r in on.items()},
-                (rs("online_goodput_vs_paged"), "n/a"), "{:.2f}")  # fmt: skip
+                (rs("online_goodput_vs_paged"), "n/a", rs("online_goodput_vs_vllm")),
+                "{:.2f}")  # fmt: skip
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["hardware", "model", "workload", "metric", "virtual", "paged", "hf",
-            "virtual_vs_paged", "virtual_vs_hf"]  # fmt: skip
+    cols = ["hardware", "model", "workload", "metric", "virtual", "paged", "hf", "vllm",
+            "virtual_vs_paged", "virtual_vs_hf", "virtual_vs_vllm"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

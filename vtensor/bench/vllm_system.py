@@ -256,7 +256,7 @@ def _write_json(path: str, obj: dict) -> None:
 def run_job(job: dict, out_path: str) -> dict:
     """Start vLLM once, run the job's workloads in order, write `out_path` after each."""
     from vtensor.bench.e2e import hardware, run_offline
-    from vtensor.bench.workloads import workload_from_json
+    from vtensor.bench.workloads import warmup_prompt, workload_from_json
 
     res: dict = {"system": "vllm", "label": job.get("label", "vllm"), "workloads": {},
                  "notes": [], "llm_kwargs": job["llm_kwargs"]}  # fmt: skip
@@ -271,10 +271,10 @@ def run_job(job: dict, out_path: str) -> dict:
     res.update(version=sysobj.version, startup_s=round(sysobj.load_s, 1), load_s=sysobj.load_s,
                config=sysobj.config, hardware=hardware())  # fmt: skip
     log(f"vllm {sysobj.version} up in {sysobj.load_s:.1f} s: {sysobj.config}")
-    sysobj.generate([[1000 + i for i in range(16)]], [4])  # warm-up, as vtensor's worker does
+    wls = [workload_from_json(wj) for wj in job["workloads"]]
+    sysobj.generate([warmup_prompt(wls)], [4])  # warm-up, as vtensor's worker does
     _write_json(out_path, res)
-    for wj in job["workloads"]:
-        wl = workload_from_json(wj)
+    for wl in wls:
         sysobj.reset()
         log(f"{wl.name}: {wl.stats()}")
         try:
@@ -302,6 +302,112 @@ def main(argv: list[str] | None = None) -> int:
         job = json.load(f)
     run_job(job, a.out)
     return 0
+
+
+# --- running a worker from the orchestrating process ---------------------------------------
+
+
+def _die_with_parent() -> None:  # preexec_fn: a killed orchestrator takes its worker along
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_logged(cmd: list[str], *, env: dict, log_path: str, timeout: float,
+               echo: str | None = None) -> str | None:  # fmt: skip
+    """Run `cmd` in its own process group, all output to `log_path`; lines that look like
+    progress or errors are echoed (prefixed `echo`). Kills the whole group at `timeout` and
+    once it is done (vLLM's engine core must not outlive it). Returns a note, or None."""
+    import contextlib
+    import signal
+    import subprocess
+    import threading
+
+    keep = ("[vllm ", "[vs ", "[e2e ", "Error", "Traceback", "ERROR", "out of memory")
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                text=True, bufsize=1, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logf.write(line)
+                if echo is not None and any(k in line for k in keep):
+                    print(f"  {echo}| {line.rstrip()[:400]}", flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        note = None
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+            if rc != 0:
+                note = f"exited with {rc}"
+        except subprocess.TimeoutExpired:
+            note = f"killed at its time cap ({timeout:.0f} s)"
+        finally:  # also when we are being stopped (SIGTERM -> SystemExit)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+    wait_device_released()
+    return note
+
+
+def wait_device_released(max_wait: float = 30.0, frac: float = 0.2) -> None:
+    """After a vLLM process: wait (NVML, no CUDA context here) until the device is mostly free
+    again, so the next system starts on an empty GPU. Without NVML: a fixed pause."""
+    import torch
+
+    from vtensor.bench.memory import _Nvml
+
+    if not torch.cuda.is_available():
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_wait:
+        got = None if torch.cuda.is_initialized() else _Nvml.used_total()
+        if got is None:
+            time.sleep(5.0)
+            return
+        if got[0] < frac * got[1]:
+            return
+        time.sleep(1.0)
+
+
+def run_offline_subprocess(model_dir: str, wls: list, *, max_model_len: int, out_path: str,
+                           timeout: float, dtype: str = "bfloat16", load_format: str = "dummy",
+                           gpu_memory_utilization: float | None = None,
+                           sample_interval: float = 0.1, label: str = "vllm") -> dict:  # fmt: skip
+    """One vLLM process over `wls` (Workload objects); its JSON record, with the attention
+    backend from its log and a note if it failed or hit `timeout`."""
+    from vtensor.bench.workloads import workload_to_json
+
+    kwargs = llm_kwargs(model_dir, max_model_len=max_model_len, dtype=dtype,
+                        load_format=load_format,
+                        gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+    job = {"label": label, "llm_kwargs": kwargs, "sample_interval": sample_interval,
+           "workloads": [workload_to_json(w) for w in wls]}  # fmt: skip
+    base = os.path.splitext(out_path)[0]
+    job_path, log_path = f"{base}.job.json", f"{base}.log"
+    with open(job_path, "w") as f:
+        json.dump(job, f)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    cmd = [sys.executable, "-m", "vtensor.bench.vllm_system", "--job", job_path, "--out", out_path]
+    note = run_logged(cmd, env=worker_env(), log_path=log_path, timeout=timeout, echo=label)
+    res: dict = {"system": "vllm", "label": label, "workloads": {}, "notes": []}
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            res = json.load(f)
+    with open(log_path, errors="replace") as f:
+        res.setdefault("config", {}).update(parse_backend(f.read()))
+    if note:
+        res["notes"].append(f"{label}: worker {note} (log: {os.path.basename(log_path)})")
+    os.remove(job_path)  # big (every prompt), and rebuilt from the seed on demand
+    return res
 
 
 if __name__ == "__main__":

@@ -351,3 +351,10 @@ def workload_from_json(d: dict) -> Workload:
                        for i, us, rs in d.get("conversations", [])],  # fmt: skip
         params=dict(d.get("params", {})),
     )
+
+
+def warmup_prompt(wls: list[Workload], n: int = 16) -> list[int]:
+    """A short prompt of ids from the workloads themselves (inside the model's vocabulary)."""
+    w = wls[0]
+    first = w.requests[0].prompt_token_ids if w.requests else w.conversations[0].user_turns[0]
+    return list(first[:n])
