@@ -2,30 +2,45 @@
 
 Numerics follow HF transformers on purpose (RMSNorm in fp32 then cast back before the weight
 multiply; cos/sin computed in fp32 then cast to the activation dtype) so that fp32 outputs match
-HF to ~1e-5 and bf16 outputs round the same way.
+HF to ~1e-5 and bf16 outputs round the same way. On CUDA the norm (with the residual add) and
+SiLU * up run as fused Triton kernels (`vtensor.ops.fused`) that keep those roundings; on the
+CPU they are the same torch math as always.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, overload
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vtensor.ops.fused import fused_add_rms_norm, rms_norm, rotate_neox, silu_mul
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; with a residual it first adds x to it (vLLM's pre-norm residual stream)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x -> norm(x); (x, residual) -> (norm(residual + x), residual + x)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(
@@ -133,14 +148,7 @@ class RotaryEmbedding(nn.Module):
         # q: [n, heads, d], k: [n, kv_heads, d]; positions: [n]
         cos = self.cos_cache[positions].unsqueeze(1)  # [n, 1, d/2]
         sin = self.sin_cache[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    # == x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), same roundings as HF
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
 
 
 class SwiGLU(nn.Module):
@@ -153,5 +161,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one kernel
