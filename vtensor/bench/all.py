@@ -302,7 +302,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--summarize-only", action="store_true")
     p.add_argument("--merge", nargs="*", default=[], help="more result folders to summarize")
     p.add_argument("--list", action="store_true", help="print the plan and exit")
+    p.add_argument("--systems", default=None,
+                   help="systems for the throughput and e2e stages, e.g. virtual,paged,hf,vllm "
+                        "(e2e online: the same minus hf); default: each stage's own")  # fmt: skip
     return p.parse_args(argv)
+
+
+def with_systems(stages: list[Stage], systems: str | None) -> list[Stage]:
+    """--systems for the stages that compare systems (vllm: started once per stage)."""
+    if not systems:
+        return stages
+    online = ",".join(s for s in systems.split(",") if s.strip() and s.strip() != "hf")
+    for s in stages:
+        if s.kind == "e2e":
+            s.argv = [*s.argv, "--systems", systems, "--online-systems", online]
+        elif s.module == "vtensor.bench.throughput":
+            s.argv = [*s.argv, "--systems", systems]
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = select(plan(args.quick), args.stages, args.part)
+    stages = with_systems(select(plan(args.quick), args.stages, args.part), args.systems)
     if args.list:
         for s in stages:
             print(f"{s.name:18s} cap {s.cap_s:5.0f} s  {s.module} {' '.join(s.argv)}")

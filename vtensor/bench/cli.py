@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "throughput": ("vtensor.bench.throughput", "offline tokens/s: virtual vs paged vs HF"),
     "e2e": ("vtensor.bench.e2e", "end-to-end workloads (multi-turn, shared prefix, long ctx)"),
     "all": ("vtensor.bench.all", "every benchmark, JSON + plots + a Markdown summary"),
+    "vs-vllm": ("vtensor.bench.vs_vllm", "vtensor vs vLLM 0.26 side by side, in parts"),
 }
 
 

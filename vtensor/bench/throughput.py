@@ -165,6 +165,50 @@ def run_hf(args, prompts, max_tokens, dev) -> dict:
     return res
 
 
+def run_vllm(args, prompts, max_tokens, dev) -> dict:
+    """vLLM 0.26 in its own process (vllm_system.py) on the same requests; {"skipped": why}
+    where it cannot run."""
+    import os
+    import tempfile
+
+    from vtensor.bench.systems import model_dir
+    from vtensor.bench.vllm_system import run_offline_subprocess, vllm_unavailable
+    from vtensor.bench.workloads import Request, Workload
+    from vtensor.model import PRESETS
+
+    why = vllm_unavailable()
+    if why is None and args.load_format == "dummy" and args.model in PRESETS:
+        folder = model_dir(args.model, PRESETS[args.model], args.max_model_len)
+    elif why is None and args.model and os.path.isdir(args.model):
+        folder = args.model
+    elif why is None:
+        why = "vllm: skipped, needs an HF folder or a dummy preset (not the embedded GGUF)"
+    if why:
+        return {"skipped": why}
+    pairs = zip(prompts, max_tokens, strict=True)
+    reqs = [Request(f"r{i}", p, m) for i, (p, m) in enumerate(pairs)]
+    wl = Workload("throughput", "sharegpt-like", reqs)
+    base = _device_used(dev)  # this process's own context: not vLLM's
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_offline_subprocess(folder, [wl], max_model_len=args.max_model_len,
+                                     out_path=os.path.join(tmp, "vllm.json"),
+                                     timeout=(args.time_cap or 1200) + 180,
+                                     dtype="bfloat16" if args.dtype == "auto" else args.dtype,
+                                     load_format=args.load_format)  # fmt: skip
+    r = res.get("workloads", {}).get("throughput")
+    if not r or "error" in r:
+        return {"skipped": "; ".join(res.get("notes", [])) or (r or {}).get("error", "failed")}
+    peak = (r.get("memory") or {}).get("device_used_peak") or 0
+    return {
+        "system": f"vllm {res.get('version')}", "complete": r["complete"],
+        "load_s": res.get("startup_s"), "elapsed_s": round(r["elapsed_s"], 3),
+        "requests": len(prompts), "output_tokens": r["output_tokens"],
+        "prompt_tokens": r["prompt_tokens"], "output_tokens_per_s": r["output_tokens_per_s"],
+        "peak_device_used_bytes": max(peak - base, 0), "config": res.get("config", {}),
+        "notes": res.get("notes", []),
+    }  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vtensor.bench.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -212,15 +256,29 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.len_scale, args.max_input, args.max_output, args.seed
     )
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = set(systems) - {"virtual", "paged", "hf"}
+    bad = set(systems) - {"virtual", "paged", "hf", "vllm"}
     if bad:
-        print(f"unknown systems {sorted(bad)} (use virtual, paged, hf)", file=sys.stderr)
+        print(f"unknown systems {sorted(bad)} (use virtual, paged, hf, vllm)", file=sys.stderr)
         return 2
+    # vLLM takes 90% of the GPU at start: it runs last, after this process let go of its model
+    systems = [s for s in systems if s != "vllm"] + (["vllm"] if "vllm" in systems else [])
+    skipped: dict[str, str] = {}
     results: dict[str, dict] = {}
     loaded = None  # both KV modes share one loaded model
     for s in systems:
         print(f"[throughput] {s}: {len(prompts)} requests", file=sys.stderr)
-        if s == "hf":
+        if s == "vllm":
+            loaded = None
+            for r in results.values():
+                r.pop("_model", None)
+            _clean(dev)
+            got = run_vllm(args, prompts, max_tokens, dev)
+            if "skipped" in got:
+                skipped[s] = got["skipped"]
+                print(f"[throughput] {got['skipped']}", file=sys.stderr)
+            else:
+                results[s] = got
+        elif s == "hf":
             loaded = None  # free the engine's weights before HF loads its own
             for r in results.values():
                 r.pop("_model", None)
@@ -254,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         },
         "systems": results,
         "same_tokens_virtual_paged": same,
+        "skipped": skipped,
         "ratios": {
             "tokens_per_s_virtual_vs_paged": ratio("virtual", "paged", "output_tokens_per_s"),
             "tokens_per_s_virtual_vs_hf": ratio("virtual", "hf", "output_tokens_per_s"),
+            "tokens_per_s_virtual_vs_vllm": ratio("virtual", "vllm", "output_tokens_per_s"),
+            "peak_device_mem_vllm_vs_virtual": ratio("vllm", "virtual",
+                                                     "peak_device_used_bytes"),
             "peak_device_mem_paged_vs_virtual": ratio("paged", "virtual",
                                                       "peak_device_used_bytes"),
         },
