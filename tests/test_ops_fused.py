@@ -46,7 +46,8 @@ def _check_rope(n, hq, hk, d, dtype, paged, idx_dtype, seed=0, dev="cpu", impl=N
     cos, sin = _rope_tables(64, d, dtype, dev)
     pos = torch.randint(0, 64, (n,), generator=g).to(idx_dtype).to(dev)
     if paged:
-        bs, blocks = 16, 8
+        bs = 16
+        blocks = n // bs + 3
         kc = torch.randn(blocks, bs, 2, hk, d, generator=g).to(dtype).to(dev)[:, :, 0]
         vc = torch.randn(blocks, bs, hk, d, generator=g).to(dtype).to(dev)
         sm = torch.randperm(blocks * bs, generator=g)[:n]
@@ -210,8 +211,10 @@ def test_gpu_add_rms_norm_llama8b(n):
 def test_gpu_silu_mul_llama8b(n):
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, 2 * 14336, generator=g) * 3).bfloat16().cuda()
-    out = fused.silu_mul(x)
-    torch.testing.assert_close(out, fused.silu_mul_torch(x), atol=1e-2, rtol=1e-2)
+    out, ref = fused.silu_mul(x), fused.silu_mul_torch(x)
+    # tl.exp vs expf can move silu by one ulp before the multiply rounds: allow ~2.5 ulps
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    assert (out != ref).float().mean() < 0.01
 
 
 @GPU
