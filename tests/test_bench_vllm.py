@@ -354,8 +354,12 @@ def test_merge_and_summary_synthetic(tmp_path):
 
 def test_parts_cover_the_plan_once():
     steps = vs_vllm.plan()
-    parts = [vs_vllm.select(steps, f"{k}/4", None) for k in range(1, 5)]
+    parts = [vs_vllm.select(steps, f"{k}/3", None) for k in range(1, 4)]
     assert sorted(s.name for p in parts for s in p) == sorted(s.name for s in steps)
-    assert all(sum(s.cap_s for s in p) <= 540 for p in parts)  # each fits one device call
+    budget = vs_vllm.parse_args([]).budget
+    assert budget <= 540 and all(sum(s.cap_s for s in p) <= budget for p in parts)
+    # the equal-memory run follows the default vLLM run in the same part (same warm machine)
+    p2 = [s.name for s in parts[1]]
+    assert p2.index("vllm-llama-3-8b") < p2.index("vllm-llama-3-8b-equal")
     with pytest.raises(SystemExit):
-        vs_vllm.select(steps, "1/3", None)
+        vs_vllm.select(steps, "1/4", None)

@@ -87,9 +87,27 @@ class _Nvml:
             except Exception:  # not installed, no driver, or a sandbox without NVML
                 cls.handle = None
         if cls.handle is None:
-            return None
+            return _nvidia_smi()
         info = _pynvml().nvmlDeviceGetMemoryInfo(cls.handle)
         return int(info.used), int(info.total)
+
+
+def _nvidia_smi() -> tuple[int, int] | None:
+    """The same reading through `nvidia-smi` (slower, ~50 ms) where no NVML binding exists."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total",
+                              "--format=csv,noheader,nounits", "-i", vis if vis.isdigit() else "0"],
+                             capture_output=True, text=True, timeout=5).stdout  # fmt: skip
+        used, total = (int(x) * 2**20 for x in out.strip().splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return used, total
 
 
 def device_used_total() -> tuple[int, int] | None:

@@ -54,6 +54,8 @@ def worker_env(base: dict | None = None) -> dict[str, str]:
     paths = [p for p in (vllm_site(), REPO_ROOT, env.get("PYTHONPATH")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # flashinfer is not in the H200 bundle
+    for k in ("HF_HUB_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK"):  # no network there
+        env.setdefault(k, "1")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -255,7 +257,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def run_job(job: dict, out_path: str) -> dict:
     """Start vLLM once, run the job's workloads in order, write `out_path` after each."""
-    from vtensor.bench.e2e import hardware, run_offline
+    from vtensor.bench.e2e import run_offline
     from vtensor.bench.workloads import warmup_prompt, workload_from_json
 
     res: dict = {"system": "vllm", "label": job.get("label", "vllm"), "workloads": {},
@@ -268,8 +270,10 @@ def run_job(job: dict, out_path: str) -> dict:
         log(res["notes"][-1])
         _write_json(out_path, res)
         raise
+    # no hardware() here: it would open a CUDA context in this process, counted in every
+    # (device-wide) memory reading; vtensor's worker records the hardware
     res.update(version=sysobj.version, startup_s=round(sysobj.load_s, 1), load_s=sysobj.load_s,
-               config=sysobj.config, hardware=hardware())  # fmt: skip
+               config=sysobj.config)  # fmt: skip
     log(f"vllm {sysobj.version} up in {sysobj.load_s:.1f} s: {sysobj.config}")
     wls = [workload_from_json(wj) for wj in job["workloads"]]
     sysobj.generate([warmup_prompt(wls)], [4])  # warm-up, as vtensor's worker does

