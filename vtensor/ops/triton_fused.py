@@ -5,6 +5,10 @@ fp32 right after the load, and every intermediate that torch rounds to the activ
 rounded here too (`_rnd`), so bf16 results differ from torch only where fp32 math does
 (reduction order, exp), not by a skipped rounding.
 
+All launches pass enable_fp_fusion=False: with fusion the backend narrows `(a * b).to(bf16)`
+to a bf16 multiply and then contracts it with the following add into one `fma.rn.bf16`,
+skipping the product's rounding that torch does (seen in the sm_90 PTX of the RoPE kernel).
+
 The interpreter (CPU tests) truncates fp32 -> bf16 instead of rounding to nearest even; with
 EMU_BF16 the kernels round by hand first so the CPU tests can compare bit for bit.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -113,6 +118,7 @@ def add_rms_norm_triton(
         x, r_arg, weight, out, ro_arg, r2, n_cols,
         sx0, sx1, sr0, sr1, so0, so1, sro0, sro1, eps,
         HAS_RES=residual is not None, BLOCK=block, EMU_BF16=_emu(x), num_warps=_warps(block),
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out, res_out
 
@@ -122,7 +128,8 @@ def add_rms_norm_triton(
 
 @triton.jit
 def _silu_mul_kernel(
-    x_ptr, o_ptr, inter, sx, so, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr
+    x_ptr, o_ptr, inter, sx, so, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr,
+    ON_GPU: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -131,7 +138,11 @@ def _silu_mul_kernel(
     base = x_ptr + row * sx
     g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(base + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    s = _rnd(g / (1.0 + tl.exp(-g)), DT, EMU_BF16)  # F.silu: fp32 math, result in DT
+    # F.silu = x / (1 + expf(-x)) in fp32, result in DT. tl.exp is ex2.approx, a few ulps off
+    # for large |x|; libdevice's expf and an IEEE divide match torch's CUDA kernel (the
+    # interpreter has no libdevice; its numpy exp is exact enough).
+    e = libdevice.exp(-g) if ON_GPU else tl.exp(-g)
+    s = _rnd(tl.math.div_rn(g, 1.0 + e), DT, EMU_BF16)
     tl.store(o_ptr + row * so + cols, _cast(s * u, DT, EMU_BF16), mask=mask)
 
 
@@ -147,7 +158,8 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     _silu_mul_kernel[(n, triton.cdiv(inter, block))](
         gate_up, out, inter, gate_up.stride(0), out.stride(0),
-        BLOCK=block, EMU_BF16=_emu(gate_up), num_warps=_warps(block),
+        BLOCK=block, EMU_BF16=_emu(gate_up), ON_GPU=gate_up.is_cuda, num_warps=_warps(block),
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -264,6 +276,6 @@ def rope_store_kv_triton(
         *k_cache.stride()[:3], *v_cache.stride()[:3], q_rot.stride(0), q_rot.stride(1),
         HQ=hq, HK=hk, HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
         HALF=half, HALF_PAD=triton.next_power_of_2(half), EMU_BF16=_emu(q),
-        EMU_K=_emu(k_cache), EMU_V=_emu(v_cache), num_warps=4,
+        EMU_K=_emu(k_cache), EMU_V=_emu(v_cache), num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return q_rot
