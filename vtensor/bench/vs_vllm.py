@@ -151,7 +151,8 @@ def vtensor_worker(job: dict, out_path: str) -> dict:
     cfg = {k: getattr(eng, k, None) for k in ("max_model_len", "max_num_seqs")}
     res.update(startup_s=round(sysobj.load_s, 1), load_s=sysobj.load_s, hardware=hardware(),
                config=cfg)  # fmt: skip
-    res["config"]["max_num_batched_tokens"] = getattr(eng.args, "max_num_batched_tokens", None)
+    res["config"]["max_num_batched_tokens"] = getattr(getattr(eng, "args", None),
+                                                      "max_num_batched_tokens", None)
     wls = [W.workload_from_json(wj) for wj in job["workloads"]]
     sysobj.generate([W.warmup_prompt(wls)], [4])  # warm-up, as the vLLM worker does
     _write_json(out_path, res)
