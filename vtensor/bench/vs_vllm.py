@@ -283,7 +283,7 @@ def run_online_step(step: Step, wls, out: Path, cap: float, args) -> dict:
     ns = argparse.Namespace(device="auto", kv_memory=None, max_num_seqs=None, seed=args.seed,
                             rate=args.rate, rate_conv=args.rate_conv,
                             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)  # fmt: skip
-    systems = ["virtual", "vllm"]
+    systems = [x.strip() for x in args.online_systems.split(",") if x.strip()]
     for i, system in enumerate(systems):
         share = (deadline - time.time()) / (len(systems) - i)
         _run_online_phase(system, spec, wls, ns, time.time() + share, out / "logs", results)
@@ -291,7 +291,10 @@ def run_online_step(step: Step, wls, out: Path, cap: float, args) -> dict:
     res = {"system": "online", "workloads": per, "notes": results["notes"],
            "rate_conv": args.rate_conv, "rate": args.rate}  # fmt: skip
     _annotate(res, step)
-    _write_json(out / f"{step.name}.json", res)
+    # one system per call is allowed (vLLM installed in one call, vtensor measured in another):
+    # collect() joins the halves
+    tag = "" if set(systems) == {"virtual", "vllm"} else "-" + "-".join(systems)
+    _write_json(out / f"{step.name}{tag}.json", res)
     return res
 
 
@@ -368,6 +371,7 @@ def collect(out: Path) -> dict:
         if res and "step" in res and not p.name.startswith("summary"):
             steps[p.stem] = res
     offline, online, notes, settings = [], [], [], {}
+    online_recs: dict[tuple[str, str], dict] = {}  # (model, workload) -> {system: record}
     models = sorted({r["model"] for r in steps.values() if r.get("kind") != "online"})
     for model in models:
         vt: dict = {}  # workload -> record, over every vtensor step of this model
@@ -412,16 +416,19 @@ def collect(out: Path) -> dict:
         if r.get("kind") != "online":
             continue
         for k, per in r.get("workloads", {}).items():
-            v, b = per.get("virtual") or {}, per.get("vllm") or {}
-            row = {"model": r["model"], "workload": k}
-            for sysname, rec in (("vtensor", v), ("vllm", b)):
-                ok = rec.get("num_ok") and rec.get("complete") and not rec.get("num_failed")
-                for m in ("ttft_ms", "tpot_ms"):
-                    for q in ("p50", "p99"):
-                        row[f"{sysname}_{m[:-3]}_{q}"] = (rec.get(m) or {}).get(q) if ok else None
-                row[f"{sysname}_goodput"] = rec.get("goodput_rps") if ok else None
-                row[f"{sysname}_tok_s"] = rec.get("output_tokens_per_s") if ok else None
-            online.append(row)
+            joined = online_recs.setdefault((r["model"], k), {})
+            joined.update({sysname: rec for sysname, rec in per.items() if rec})
+    for (model, k), per in online_recs.items():
+        v, b = per.get("virtual") or {}, per.get("vllm") or {}
+        row = {"model": model, "workload": k}
+        for sysname, rec in (("vtensor", v), ("vllm", b)):
+            ok = rec.get("num_ok") and rec.get("complete") and not rec.get("num_failed")
+            for m in ("ttft_ms", "tpot_ms"):
+                for q in ("p50", "p99"):
+                    row[f"{sysname}_{m[:-3]}_{q}"] = (rec.get(m) or {}).get(q) if ok else None
+            row[f"{sysname}_goodput"] = rec.get("goodput_rps") if ok else None
+            row[f"{sysname}_tok_s"] = rec.get("output_tokens_per_s") if ok else None
+        online.append(row)
     return {"offline": offline, "online": online, "settings": settings, "notes": notes,
             "hardware": next((r.get("hardware") for r in steps.values() if r.get("hardware")),
                              None)}  # fmt: skip
@@ -555,6 +562,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="k=v,... for vtensor's engine (default: its defaults)")  # fmt: skip
     p.add_argument("--rate", type=float, default=16.0, help="online requests/s")
     p.add_argument("--rate-conv", type=float, default=4.0, help="online conversations/s")
+    p.add_argument("--online-systems", default="virtual,vllm",
+                   help="servers of the online step (one per call is fine: collect joins them)")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--sample-interval", type=float, default=0.1, help="memory sampling, s")
