@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vtensor.model import AttentionContext, ModelConfig, set_context
+from vtensor.model import AttentionContext, AttentionMetadata, ModelConfig, set_context
+from vtensor.ops import select_backend
 
 
 def make_kv(config: ModelConfig, num_slots: int, max_tokens: int, dtype, device="cpu"):
@@ -50,15 +51,18 @@ def run_step(
 ) -> torch.Tensor:
     """One engine-like step over several sequences; returns fp32 logits of every new token.
     With block_tables (slot -> block ids), kv_views are paged [blocks, BLOCK, kv_heads, d]."""
-    ids, pos, store_slots = [], [], []
+    ids, pos, store_a, store_b = [], [], [], []
     for c in chunks:
         ids += c.token_ids
-        pos += range(c.start, c.start + len(c.token_ids))
+        new = range(c.start, c.start + len(c.token_ids))
+        pos += new
         if block_tables is None:
-            store_slots += [c.slot] * len(c.token_ids)
+            store_a += [c.slot] * len(new)
+            store_b += new
         else:
             table = block_tables[c.slot]
-            store_slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in pos[-len(c.token_ids) :]]
+            store_a += [table[p // BLOCK] for p in new]
+            store_b += [p % BLOCK for p in new]
 
     def i32(x):
         return torch.tensor(x, dtype=torch.int32, device=device)
@@ -67,27 +71,22 @@ def run_step(
     cu = [0]
     for n in lens_q:
         cu.append(cu[-1] + n)
-    ctx = AttentionContext(
-        is_prefill=is_prefill,
-        kv_views=kv_views,
-        store_slots=i32(store_slots),
-        store_positions=i32(pos),
-        slot_ids=i32([c.slot for c in chunks]),
-        block_table=None,
-        backend=backend,
-    )
-    if block_tables is not None:
-        ctx.paged, ctx.slot_ids, ctx.store_positions = True, None, None
-        ctx.block_table = i32([block_tables[c.slot] for c in chunks])
+    paged = block_tables is not None
+    index = [block_tables[c.slot] for c in chunks] if paged else [[c.slot] for c in chunks]
+    meta = AttentionMetadata(is_prefill, kv_views, i32(store_a), i32(store_b), i32(index))
     if is_prefill:
-        ctx.prefix_lens = i32([c.start for c in chunks])
-        ctx.cu_seqlens_q = i32(cu)
-        ctx.max_seqlen_q = max(lens_q)
-        ctx.max_seqlen_k = max(c.start + len(c.token_ids) for c in chunks)
+        meta.prefix_lens = i32([c.start for c in chunks])
+        meta.cu_seqlens_q = i32(cu)
+        meta.max_seqlen_q = max(lens_q)
+        meta.max_seqlen_k = max(c.start + len(c.token_ids) for c in chunks)
     else:
         assert all(n == 1 for n in lens_q)
-        ctx.seq_lens = i32([c.start + 1 for c in chunks])
-        ctx.max_seq_len = max_tokens
+        meta.seq_lens = i32([c.start + 1 for c in chunks])
+        meta.max_seq_len = max_tokens
+    k0 = kv_views[0][0]
+    be = select_backend(backend, paged=paged, device=k0.device, dtype=k0.dtype,
+                        head_dim=k0.shape[-1])  # fmt: skip
+    ctx = AttentionContext(be, meta)
     # int64 ids/positions in prefill, int32 in decode: the model must take either
     idx_dtype = torch.long if is_prefill else torch.int32
     input_ids = torch.tensor(ids, dtype=idx_dtype, device=device)

@@ -80,22 +80,26 @@ def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
 
     assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 32] and graph_buckets(256)[-1] == 256
     assert graph_buckets(5) == [1, 2, 4, 5]
+    big = graph_buckets(1024)
+    assert len(big) == 32 and big[-3:] == [896, 960, 1024] and 256 in big and 320 in big
     path, _, prompts, _ = checkpoint
     llm = _llm(path)
     eng, runner = llm.llm_engine, llm.llm_engine.runner
     pad = eng.kv_cache.acquire("__pad__", [0])
     assert eng.kv_cache.ensure(pad.slot, 1)
-    runner._pad_col = torch.tensor([0, 0, pad.slot, 0, pad.slot, 1], dtype=torch.int32)
+    runner._pad_head = torch.tensor([0, 0, pad.slot, 0, 1], dtype=torch.int32)
+    runner._pad_index = torch.tensor([pad.slot], dtype=torch.int32)
     for i, p in enumerate(prompts[:3]):
         eng.add_request(str(i), p, greedy(4))
     eng.step()  # prefill all three
     batch = eng.scheduler.schedule()
     assert not batch.is_prefill and len(batch) == 3
-    buf = runner._decode_inputs(batch, 4)
+    head, index = runner._split(runner._decode_inputs(batch, 4), 4)
     for row, seq in enumerate(batch.seqs):
         c = seq.num_computed
-        assert buf[:, row].tolist() == [seq.token_ids[c], c, seq.slot, c, seq.slot, c + 1]
-    assert buf[:, 3].tolist() == runner._pad_col.tolist()
+        assert head[:, row].tolist() == [seq.token_ids[c], c, seq.slot, c, c + 1]
+        assert index[row].tolist() == [seq.slot]
+    assert head[:, 3].tolist() == runner._pad_head.tolist() and index[3].tolist() == [pad.slot]
     eng.kv_cache.free(pad.slot)
     llm.close()
 

@@ -233,7 +233,7 @@ def test_identical_prompt_recomputes_last_token_without_touching_shared_pages(fa
     b = run_prefill(cache, "b", tok)
     assert b.num_cached_tokens == len(tok) - 1
     n_shared = cache.layout.full_pages(len(tok) - 1)
-    assert cache._slots[b.slot].tree_mapped == n_shared
+    assert cache.slots[b.slot].tree_mapped == n_shared
     # the first written byte lies beyond every aliased page
     assert cache.layout.token_byte(len(tok) - 1) >= n_shared * cache.page_size
     # a page-aligned full hit (no partial bytes) copies nothing
@@ -300,9 +300,9 @@ def test_eviction_under_pressure_and_ensure_failure(factory):
     assert cache.stats["evicted_pages"] + cache.stats["evicted_slots"] > 0
     # nothing left to evict beyond 8 pages: the next ensure fails without partial change
     b = cache.acquire("b", [1, 2, 3])
-    mapped = cache._slots[b.slot].mapped
+    mapped = cache.slots[b.slot].mapped
     assert not cache.ensure(b.slot, int(2 * tpp))
-    assert cache._slots[b.slot].mapped == mapped
+    assert cache.slots[b.slot].mapped == mapped
     cache.check_integrity()
     cache.free(a.slot)  # preempt the big one: now it fits
     assert cache.ensure(b.slot, int(2 * tpp))
@@ -369,10 +369,10 @@ def test_errors_budget_and_idle_trim():
     be = HostBackend(page_size=HOST_PAGE)
     with pytest.raises(KVConfigError, match="virtual space"):  # ~400 PiB: cannot be reserved
         KVCache(HOST_SPEC, backend=be, max_tokens=1 << 40, num_slots=1024, budget_bytes=None)
-    assert resolve_budget(0.5, be, host_bytes=1000) == 500
-    assert resolve_budget(123, be) == 123 and resolve_budget(None, be) is None
+    assert resolve_budget(0.5, be.device, host_bytes=1000) == 500
+    assert resolve_budget(123, be.device) == 123 and resolve_budget(None, be.device) is None
     with pytest.raises(KVConfigError):
-        resolve_budget(1.5, be)
+        resolve_budget(1.5, be.device)
 
 
 # ---- randomized workloads ----
@@ -471,7 +471,7 @@ def run_workload(cache: KVCache, ops: list[tuple[str, int]]) -> None:
     for i, (op, seed) in enumerate(ops):
         d.step(op, seed)
         cache.check_integrity()
-        for s in cache._slots:  # live-request waste <= 1 page + lookahead
+        for s in cache.slots:  # live-request waste <= 1 page + lookahead
             if s.state == SlotState.ACTIVE:
                 need = cache.layout.pages_for(max(s.num_tokens, len(s.tokens)))
                 assert s.mapped <= need + cache.layout.pages_for(cache.lookahead_tokens) + 1
@@ -543,7 +543,7 @@ def test_same_prefix_computed_twice_keeps_a_private_duplicate():
         write_kv(cache, alloc.slot, tok, 0, len(tok))
         cache.cache_prefix(alloc.slot, tok)
         cache.check_integrity()
-    a, b = (cache._slots[x.slot] for x in allocs)
+    a, b = (cache.slots[x.slot] for x in allocs)
     assert a.tree_mapped == 2 and b.tree_mapped == 0 and b.path == a.path  # b: duplicates
     assert slot_page(cache, b.index, 0) is not slot_page(cache, a.index, 0)
     tree_pages = [node.page for node in a.path]
@@ -610,8 +610,8 @@ def test_ensure_fast_path_matches_the_general_path():
             c.wait_ready()
         a, b = (c.snapshot() for c in caches)
         assert a == b, step
-        assert [(s.mapped, s.num_tokens, s.pending_first) for s in caches[0]._slots] == [
-            (s.mapped, s.num_tokens, s.pending_first) for s in caches[1]._slots
+        assert [(s.mapped, s.num_tokens, s.pending_first) for s in caches[0].slots] == [
+            (s.mapped, s.num_tokens, s.pending_first) for s in caches[1].slots
         ]
     for c in caches:
         c.check_integrity()

@@ -85,7 +85,7 @@ def test_paged_prefix_hits_share_blocks_and_data(device):
     assert cache.blocks(b.slot)[:2] == cache.blocks(a.slot)[:2]
     assert cache.blocks(b.slot)[2] != cache.blocks(a.slot)[2]
     check(cache, a.slot, a_tok, 70)
-    table = cache.block_table([a.slot, b.slot])
+    table = cache.kv_index([a.slot, b.slot])
     assert table.dtype == torch.int32 and table.shape == (2, 16)
     assert table[1, :5].tolist() == cache.blocks(b.slot) + [0]
     # full hit of a 64-token prompt: the last block is recomputed (last token needs logits)

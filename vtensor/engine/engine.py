@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vtensor.engine.config import EngineConfig
 from vtensor.engine.detokenizer import Detokenizer
 from vtensor.engine.errors import ErrorKind, RequestError
 from vtensor.engine.outputs import CompletionOutput, RequestOutput
@@ -23,6 +24,7 @@ from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.scheduler import Scheduler
 from vtensor.engine.sequence import Sequence, Status
+from vtensor.kv import KVManager
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,8 @@ class EngineArgs:
     device: str = "auto"
     max_model_len: int | None = None  # default: min(model's context, 8192)
     kv: str = "virtual"  # "virtual" | "paged"
-    kv_memory: int | float | str | None = None  # default: 0.85 of free GPU memory / 1 GiB CPU
-    max_num_seqs: int | None = None  # default: 256 on CUDA, 32 on CPU
+    kv_memory: int | float | str | None = None  # default: engine/config.py (GPU fraction)
+    max_num_seqs: int | None = None  # default by device: see engine/config.py
     max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
     load_format: str = "auto"
     tokenizer: str | None = None
@@ -102,7 +104,7 @@ class LLMEngine:
     ) -> None:
         """preloaded: (model, model_config, tokenizer) to share one loaded model between
         engines (tests, benchmarks comparing kv modes); otherwise loaded from args."""
-        from vtensor.kv import KVCache, KVSpec, PagedKVCache
+        from vtensor.kv import KVSpec
         from vtensor.model import (
             ModelNotFoundError,
             eos_token_ids,
@@ -110,7 +112,6 @@ class LLMEngine:
             load_tokenizer,
             resolve_device,
         )  # fmt: skip
-        from vtensor.vmm import make_backend
 
         args = args if args is not None else EngineArgs(**kwargs)
         self.args = args
@@ -137,41 +138,21 @@ class LLMEngine:
                 log.warning("no tokenizer for %s (%s): token-id prompts only", args.model, e)
         eos = list(cfg.eos_token_ids)
         self.eos_token_ids = set(eos_token_ids(self.tokenizer, eos) if self.tokenizer else eos)
-        limit = cfg.max_position_embeddings
-        self.max_model_len = args.max_model_len or min(limit, 8192)
-        if self.max_model_len > limit:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's {limit}")
-        cuda = dev.type == "cuda"
-        max_seqs = args.max_num_seqs or (256 if cuda else 32)
-        self.max_num_seqs = max_seqs
-        budget = args.kv_memory if args.kv_memory is not None else (0.85 if cuda else 2**30)
+        self.config = config = EngineConfig.resolve(args, cfg, dev)
+        log.info("engine config: %s", config.describe())
+        self.max_model_len = config.max_model_len
+        self.max_num_seqs = config.max_num_seqs
+        attention = config.attention(cfg, self.model.dtype)  # fails before any KV is built
         spec = KVSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.model.dtype)
-        graphs = cuda and not args.enforce_eager
-        num_slots = max_seqs + (1 if graphs else 0)  # + the CUDA-graph pad slot
-        self.paged = args.kv == "paged"
-        if self.paged:
-            self.kv_cache = PagedKVCache(
-                spec, max_tokens=self.max_model_len, num_slots=num_slots, budget_bytes=budget,
-                device=dev, enable_prefix_cache=args.enable_prefix_cache,
-                block_size=args.block_size,
-            )  # fmt: skip
-        else:
-            backend = make_backend(dev if cuda else "cpu", page_size=args.page_size)
-            self.kv_cache = KVCache(
-                spec, backend=backend, max_tokens=self.max_model_len, num_slots=num_slots,
-                budget_bytes=budget, enable_prefix_cache=args.enable_prefix_cache,
-                async_map=args.async_map, idle_trim_seconds=args.kv_idle_trim_s,
-            )  # fmt: skip
-        tokens = args.max_num_batched_tokens or (8192 if cuda else 2048)
+        self.kv_cache: KVManager = config.kv_manager(spec)
         self.scheduler = Scheduler(
-            self.kv_cache, max_num_seqs=max_seqs, max_num_batched_tokens=tokens,
-            preemption_mode=args.preemption_mode,
+            self.kv_cache, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            preemption_mode=config.preemption_mode,
         )  # fmt: skip
         self.runner = ModelRunner(
-            self.model, self.kv_cache, paged=self.paged, device=dev, max_num_seqs=max_seqs,
-            max_model_len=self.max_model_len,
-            backend=args.attention_backend or ("auto" if cuda else "torch"),
-            use_cuda_graphs=graphs,
+            self.model, self.kv_cache, attention, device=dev, max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len, use_cuda_graphs=config.use_cuda_graphs,
         )  # fmt: skip
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Sequence] = {}
@@ -247,11 +228,7 @@ class LLMEngine:
     def on_idle(self) -> int:
         """Called while nothing runs: free KV pages idle for kv_idle_trim_s go back to the
         driver (virtual KV only; a paged pool is preallocated). Returns pages trimmed."""
-        trim = getattr(self.kv_cache, "maybe_trim", None)
-        return trim() if trim is not None else 0
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        return self.kv_cache.maybe_trim()
 
     # ------------------------------------------------------------------ step
 

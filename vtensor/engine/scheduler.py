@@ -18,10 +18,10 @@ import bisect
 import contextlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from vtensor.engine.errors import ErrorKind, RequestError, RequestTooLargeError
 from vtensor.engine.sequence import Sequence, Status
+from vtensor.kv import KVManager
 
 __all__ = ["RequestTooLargeError", "ScheduledBatch", "Scheduler"]
 
@@ -46,7 +46,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(
         self,
-        kv_cache: Any,
+        kv_cache: KVManager,
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
@@ -68,12 +68,6 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped or self.failed)
-
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.swapped)
 
     def finish(self, seq: Sequence) -> None:
         """seq finished normally: park its KV (valid tokens published for prefix reuse)."""

@@ -54,10 +54,6 @@ class Sequence:
             self.logprobs = []
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -72,7 +68,3 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
-
-    @property
-    def is_prefill_done(self) -> bool:
-        return self.num_computed >= self.num_tokens - 1

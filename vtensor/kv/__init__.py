@@ -1,11 +1,15 @@
-"""KV cache: token-major layout over one virtual tensor, radix prefix cache, paged baseline."""
+"""KV cache: token-major layout over one virtual tensor, radix prefix cache, paged baseline;
+both behind the `KVManager` interface."""
 
-from vtensor.kv.cache import Allocation, KVCache, KVIntegrityError, SlotStateError, resolve_budget
+from vtensor.kv.budget import KV_MEMORY_FRACTION, resolve_budget
+from vtensor.kv.cache import KVCache
 from vtensor.kv.layout import KVConfigError, KVLayout, KVSpec
+from vtensor.kv.manager import Allocation, KVIntegrityError, KVManager, SlotStateError
 from vtensor.kv.paged import PagedKVCache
 from vtensor.kv.radix import RadixNode, RadixTree
 
 __all__ = [
-    "Allocation", "KVCache", "KVConfigError", "KVIntegrityError", "KVLayout", "KVSpec",
-    "PagedKVCache", "RadixNode", "RadixTree", "SlotStateError", "resolve_budget",
+    "KV_MEMORY_FRACTION", "Allocation", "KVCache", "KVConfigError", "KVIntegrityError",
+    "KVLayout", "KVManager", "KVSpec", "PagedKVCache", "RadixNode", "RadixTree",
+    "SlotStateError", "resolve_budget",
 ]  # fmt: skip

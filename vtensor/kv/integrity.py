@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vtensor.kv.cache import KVIntegrityError, SlotState
+from vtensor.kv.cache import SlotState
+from vtensor.kv.manager import KVIntegrityError
 
 if TYPE_CHECKING:
     from vtensor.kv.cache import KVCache
@@ -24,8 +25,8 @@ def check_cache(cache: KVCache) -> None:
     lay = cache.layout
     maps: dict[int, int] = {}  # id(page) -> mappings by slots
     pages: dict[int, object] = {}
-    for s in cache._slots:
-        base = cache._sp(s.index)
+    for s in cache.slots:
+        base = cache.slot_page(s.index)
         for j in range(lay.pages_per_slot):
             p = cache.vt.page(base + j)
             if p is None:
@@ -61,12 +62,12 @@ def check_cache(cache: KVCache) -> None:
         if s.state == SlotState.SWAPPED:
             if any(cache.vt.is_mapped(base + j) for j in s.swap_pages):
                 fail(f"swapped slot {s.index} still maps a swapped-out page")
-        elif cache.enable_prefix_cache and s.tokens and s.tail is not cache._deepest(s):
+        elif cache.enable_prefix_cache and s.tokens and s.tail is not cache.deepest(s):
             fail(f"slot {s.index}: tail registration is stale")
     tree_nodes = cache.tree.nodes()
     locks: dict[int, int] = {}
     pins: dict[int, int] = {}
-    for s in cache._slots:
+    for s in cache.slots:
         for node in s.path:
             locks[id(node)] = locks.get(id(node), 0) + 1
             if s.state != SlotState.PARKED:
@@ -85,7 +86,7 @@ def check_cache(cache: KVCache) -> None:
             fail(f"node depth {node.depth}: evictable set out of sync")
         unpinned += node.pin_ref == 0
         for sid in node.tails:
-            if cache._slots[sid].tail is not node:
+            if cache.slots[sid].tail is not node:
                 fail(f"node depth {node.depth}: stale tail slot {sid}")
     if unpinned != cache.tree.num_unpinned or len(tree_nodes) != cache.tree.num_nodes:
         fail("tree counters out of sync")
@@ -103,18 +104,16 @@ def check_cache(cache: KVCache) -> None:
             fail(f"page {p.index} cached twice in the tree")
         if p.refcount != m + t:
             fail(f"page {p.index}: refcount {p.refcount} != {m} mappings + {t} tree refs")
-    if cache._scratch.num_mapped():
+    if cache.scratch.num_mapped():
         fail("scratch page still mapped")
     if cache.pool.num_in_use() != len(pages):
         fail(f"pool has {cache.pool.num_in_use()} pages in use, cache accounts {len(pages)}")
-    parked_private = sum(s.parked_private for s in cache._slots)
-    if parked_private != cache._parked_private:
+    parked_private = sum(s.parked_private for s in cache.slots)
+    if parked_private != cache.parked_private_pages:
         fail("parked private page counter out of sync")
-    if sorted(cache._parked) != sorted(
-        s.index for s in cache._slots if s.state == SlotState.PARKED
-    ):
+    if sorted(cache.parked) != sorted(s.index for s in cache.slots if s.state == SlotState.PARKED):
         fail("parked set out of sync")
-    free = sorted(s.index for s in cache._slots if s.state == SlotState.FREE)
-    if sorted(cache._free_slots) != free:
+    free = sorted(s.index for s in cache.slots if s.state == SlotState.FREE)
+    if sorted(cache.free_slots) != free:
         fail("free slot list out of sync")
     cache.pool.check_integrity()

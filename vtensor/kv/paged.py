@@ -17,8 +17,9 @@ from typing import NewType
 
 import torch
 
-from vtensor.kv.cache import Allocation, KVIntegrityError, SlotStateError
+from vtensor.kv.budget import resolve_budget
 from vtensor.kv.layout import KVConfigError, KVSpec
+from vtensor.kv.manager import Allocation, KVIntegrityError, SlotStateError
 
 BlockHash = NewType("BlockHash", int)
 
@@ -90,38 +91,34 @@ class PagedKVCache:
         self,
         spec: KVSpec,
         *,
+        device: torch.device,
         max_tokens: int,
         num_slots: int,
-        budget_bytes: int | None = None,
+        budget_bytes: int | float | None = None,
         num_blocks: int | None = None,
-        device: str | torch.device | None = None,
-        backend: object | None = None,
         enable_prefix_cache: bool = True,
         block_size: int = 16,
-        **_ignored: object,
     ) -> None:
-        # `backend` only names the device, so that the engine can build either cache alike.
-        dev = torch.device(device if device is not None else getattr(backend, "device", "cpu"))
+        """Pool size: num_blocks, else budget_bytes (bytes, or a fraction of free GPU memory;
+        None: KV_MEMORY_FRACTION of it on CUDA; on host a budget in bytes is required)."""
         if block_size <= 0 or max_tokens <= 0 or num_slots <= 0:
             raise KVConfigError("block_size, max_tokens and num_slots must be positive")
+        dev = torch.device(device)
         self.spec, self.device, self.block_size = spec, dev, block_size
         self.max_tokens, self.num_slots = max_tokens, num_slots
         self.enable_prefix_cache = enable_prefix_cache
         self.bytes_per_block = block_size * spec.bytes_per_token
         if num_blocks is None:
-            if budget_bytes is None:
-                if dev.type != "cuda":
-                    raise KVConfigError("PagedKVCache needs budget_bytes or num_blocks on host")
-                budget_bytes = int(torch.cuda.mem_get_info(dev)[0] * 0.9)
-            elif isinstance(budget_bytes, float):
-                if dev.type != "cuda":
-                    raise KVConfigError("a fractional budget needs CUDA; give bytes on host")
-                budget_bytes = int(torch.cuda.mem_get_info(dev)[0] * budget_bytes)
-            num_blocks = int(budget_bytes) // self.bytes_per_block
+            if dev.type != "cuda" and (budget_bytes is None or isinstance(budget_bytes, float)):
+                raise KVConfigError("PagedKVCache on host needs budget_bytes (bytes) or num_blocks")
+            budget = resolve_budget(budget_bytes, dev)
+            assert budget is not None
+            num_blocks = budget // self.bytes_per_block
         if num_blocks <= 0:
             raise KVConfigError(f"budget gives {num_blocks} blocks of {self.bytes_per_block} B")
         self.num_blocks = num_blocks
         self.max_blocks = -(-max_tokens // block_size)
+        self.kv_index_width = self.max_blocks
         L, H, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
         # kv: [layers, 2, num_blocks, block_size, kv_heads, head_dim], all allocated up front
         self.kv = torch.empty((L, 2, num_blocks, block_size, H, D), dtype=spec.dtype, device=dev)
@@ -294,16 +291,34 @@ class PagedKVCache:
     def num_free_pages(self) -> int:
         return self._free.size
 
-    def block_table(self, slots: Sequence[int]) -> torch.Tensor:
-        """[len(slots), max_blocks] int32 block ids, padded with 0."""
+    def store_targets(
+        self, slots: Sequence[int], starts: Sequence[int], counts: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """(block id, offset in the block) of each new token."""
+        bs = self.block_size
+        a: list[int] = []
+        b: list[int] = []
+        for slot, start, n in zip(slots, starts, counts, strict=True):
+            blocks = self._seq(slot).blocks
+            for p in range(start, start + n):
+                a.append(blocks[p // bs].block_id)
+                b.append(p % bs)
+        return a, b
+
+    def kv_index(self, slots: Sequence[int]) -> torch.Tensor:
+        """Block tables [len(slots), max_blocks] int32 (host), padded with block 0."""
         rows = []
         for slot in slots:
             ids = [b.block_id for b in self._seq(slot).blocks]
             rows.append(ids + [0] * (self.max_blocks - len(ids)))
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+        return torch.tensor(rows, dtype=torch.int32).view(len(slots), self.max_blocks)
 
     def blocks(self, slot: int) -> list[int]:
         return [b.block_id for b in self._seq(slot).blocks]
+
+    def maybe_trim(self) -> int:
+        """Nothing to trim: the pool is preallocated (vLLM's design)."""
+        return 0
 
     # ---- telemetry ----
     def snapshot(self) -> dict:

@@ -9,14 +9,18 @@ from vtensor.model.config import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
-from vtensor.model.context import AttentionContext, get_context, set_context
+from vtensor.model.context import AttentionContext, AttentionMetadata, get_context, set_context
 from vtensor.model.llama import LlamaForCausalLM
 from vtensor.model.loader import default_model_path, load_model, resolve_device, resolve_dtype
+from vtensor.model.registry import MODEL_REGISTRY, CausalLM, model_class
 from vtensor.model.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
 
 __all__ = [
     "PRESETS",
+    "MODEL_REGISTRY",
     "AttentionContext",
+    "AttentionMetadata",
+    "CausalLM",
     "LlamaForCausalLM",
     "ModelConfig",
     "ModelError",
@@ -28,6 +32,7 @@ __all__ = [
     "get_context",
     "load_model",
     "load_tokenizer",
+    "model_class",
     "resolve_device",
     "resolve_dtype",
     "set_context",

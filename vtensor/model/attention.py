@@ -1,8 +1,9 @@
 """Attention layer: fused qkv projection -> (q/k norm) -> RoPE -> store K/V -> attention.
 
-The K/V of the new tokens go into the cache first and attention then reads prefix and new
+The K/V of the new tokens go into the cache first, at [store_a[i], store_b[i]] of this layer's
+view (the same for every layout), and the engine's attention backend then reads prefix and new
 tokens from the cache alone (one code path for fresh prompts, chunked prefill and prefix hits).
-Which kernel runs and where the cache lives come from the `AttentionContext` of this forward.
+Nothing here knows the KV layout or the kernel: both come with the `AttentionContext`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vtensor import ops
 from vtensor.model.config import ModelConfig
-from vtensor.model.context import AttentionContext, get_context
+from vtensor.model.context import get_context
 from vtensor.model.layers import RMSNorm, RotaryEmbedding
+from vtensor.ops import store_kv
 
 
 class Attention(nn.Module):
@@ -43,40 +44,10 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        ctx = get_context()
+        meta = ctx.meta
+        k_cache, v_cache = meta.kv_views[self.layer_idx]
         q, k = self._rotary[0](positions, q, k)
-        o = self._attend(get_context(), q, k, v)  # [n, heads, d]
+        store_kv(k, v, k_cache, v_cache, meta.store_a, meta.store_b)
+        o = ctx.backend.forward(self.layer_idx, q, meta, self.scale)  # [n, heads, d]
         return self.o_proj(o.reshape(n, self.q_size))
-
-    def _attend(
-        self, ctx: AttentionContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        k_cache, v_cache = ctx.kv_views[self.layer_idx]
-        if ctx.paged:
-            from vtensor.ops import paged
-
-            paged.paged_store_kv(k, v, k_cache, v_cache, ctx.store_slots)
-            if ctx.is_prefill:
-                return paged.paged_prefill_attention(
-                    q, k_cache, v_cache,
-                    block_table=ctx.block_table, prefix_lens=ctx.prefix_lens,
-                    cu_seqlens_q=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_seqlen_q,
-                    max_seqlen_k=ctx.max_seqlen_k, scale=self.scale, backend=ctx.backend,
-                )  # fmt: skip
-            return paged.paged_decode_attention(
-                q, k_cache, v_cache,
-                block_table=ctx.block_table, seq_lens=ctx.seq_lens,
-                max_seq_len=ctx.max_seq_len, scale=self.scale, backend=ctx.backend,
-            )  # fmt: skip
-        ops.store_kv(k, v, k_cache, v_cache, ctx.store_slots, ctx.store_positions)
-        if ctx.is_prefill:
-            return ops.prefill_attention(
-                q, k_cache, v_cache,
-                slot_ids=ctx.slot_ids, prefix_lens=ctx.prefix_lens,
-                cu_seqlens_q=ctx.cu_seqlens_q, max_seqlen_q=ctx.max_seqlen_q,
-                max_seqlen_k=ctx.max_seqlen_k, scale=self.scale, backend=ctx.backend,
-            )  # fmt: skip
-        return ops.decode_attention(
-            q, k_cache, v_cache,
-            slot_ids=ctx.slot_ids, seq_lens=ctx.seq_lens,
-            max_seq_len=ctx.max_seq_len, scale=self.scale, backend=ctx.backend,
-        )  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from vtensor.model.config import PRESETS, ModelConfig, ModelNotFoundError, UnsupportedModelError
 from vtensor.model.llama import LlamaForCausalLM
+from vtensor.model.registry import model_class
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -180,7 +181,7 @@ def _materialize(
     device: torch.device,
 ) -> LlamaForCausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, freq_factors)
+        model = model_class(config.architecture)(config, freq_factors)
     # Meta tensors carry no data: the dtype change is free, to_empty allocates exactly once.
     model = model.to(dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:

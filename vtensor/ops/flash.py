@@ -19,21 +19,23 @@ def _rows_per_slot(cache: torch.Tensor) -> int | None:
     return ss // ts
 
 
-def flash_unsupported_reason(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
-) -> str | None:
-    """None when the aten FA2 call can run on these inputs, else why not."""
-    if not q.is_cuda:
+def flash_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None when the aten FA2 call can run for this device, dtype and head dim, else why not
+    (checked once, when the engine picks its backend)."""
+    if device.type != "cuda":
         return "FlashAttention-2 needs CUDA tensors"
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return "this torch has no aten._flash_attention_forward"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
-        return f"FlashAttention-2 needs fp16/bf16 q and cache, got {q.dtype}/{k_cache.dtype}"
-    d = q.shape[-1]
-    if d % 8 or d > 256:
-        return f"FlashAttention-2 needs head_dim <= 256 and a multiple of 8, got {d}"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention-2 needs fp16/bf16, got {dtype}"
+    if head_dim % 8 or head_dim > 256:
+        return f"FlashAttention-2 needs head_dim <= 256 and a multiple of 8, got {head_dim}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
         return "FlashAttention-2 needs sm80+"
+    return None
+
+
+def _views_unsupported_reason(k_cache: torch.Tensor, v_cache: torch.Tensor) -> str | None:
     if k_cache.stride() != v_cache.stride():
         return "k and v views have different strides"
     if _rows_per_slot(k_cache) is None:
@@ -41,6 +43,8 @@ def flash_unsupported_reason(
             f"slot stride {k_cache.stride(0)} is not a multiple of the token stride "
             f"{k_cache.stride(1)}: slots do not start on a token row"
         )
+    if k_cache.dtype != v_cache.dtype:
+        return "k and v caches differ in dtype"
     return None
 
 
@@ -62,9 +66,11 @@ def _call(
     scale: float,
     causal: bool,
 ) -> torch.Tensor:
-    why = flash_unsupported_reason(q, k_cache, v_cache)
+    why = _views_unsupported_reason(k_cache, v_cache)
+    if why is None and k_cache.dtype != q.dtype:
+        why = f"q is {q.dtype} but the cache {k_cache.dtype}"
     if why is not None:
-        from vtensor.ops import AttentionBackendError
+        from vtensor.ops.backends import AttentionBackendError
 
         raise AttentionBackendError(f"backend='flash' cannot run: {why}")
     rps = _rows_per_slot(k_cache)

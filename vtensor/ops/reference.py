@@ -1,12 +1,14 @@
 """Torch references for store / prefill / decode attention, virtual and paged layouts.
 
 They are the engine's CPU path and the ground truth of the tests, so they favour clarity over
-speed but avoid the obvious traps: one `scaled_dot_product_attention` per prefill request, one
-batched call for decode, fp32 accumulation for half dtypes. They sync with the host (lengths go
-through `.tolist()`), which is free on the CPU; the CUDA path uses the Triton / FA2 kernels.
+speed but avoid the obvious traps: one `scaled_dot_product_attention` per request (decode too:
+each reads exactly its own rows), fp32 accumulation for half dtypes. They sync with the host
+(lengths go through `.tolist()`), which is free on the CPU; CUDA uses the Triton / FA2 kernels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,20 +38,6 @@ def _sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
-def store_kv_torch(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_ids: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    """k_cache[slot_ids[i], positions[i]] = k[i] (index_put_ writes through strided views)."""
-    s, p = slot_ids.long(), positions.long()
-    k_cache[s, p] = k.to(k_cache.dtype)
-    v_cache[s, p] = v.to(v_cache.dtype)
-
-
 def _prefill_loop(
     q: torch.Tensor, gather, prefix_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -77,19 +65,27 @@ def _prefill_loop(
     return out
 
 
-def _decode_batched(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q: [b, Hq, d]; k, v: [b, n, Hkv, d] padded to the longest sequence."""
-    n = k.shape[1]
-    valid = torch.arange(n, device=q.device).unsqueeze(0) < seq_lens.to(q.device).unsqueeze(1)
-    # Rows past a sequence's length hold whatever the memory held (a NaN there would survive
-    # its zero attention weight: 0 * NaN = NaN), so zero them rather than only mask them.
-    k = k.masked_fill(~valid[:, :, None, None], 0)
-    v = v.masked_fill(~valid[:, :, None, None], 0)
-    mask = valid[:, None, None, :]  # [b, 1, 1, n]
-    o = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), scale, mask, causal=False)
-    return o[:, :, 0].to(q.dtype)
+def _gather(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_ids: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """gather(i, n) -> sequence i's first n K and V rows [n, kv_heads, d]: from its slot
+    (virtual, slot_ids [b]) or through its block-table row (paged, block_table [b, w])."""
+    if block_table is None:
+        assert slot_ids is not None, "pass slot_ids (virtual) or block_table (paged)"
+        slots = slot_ids.tolist()
+        return lambda i, n: (k_cache[slots[i], :n], v_cache[slots[i], :n])
+    rows = block_table.long()
+    bs = k_cache.shape[1]
+
+    def paged(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = rows[i, : -(-n // bs)]
+        k = k_cache[ids].reshape(-1, *k_cache.shape[2:])[:n]
+        return k, v_cache[ids].reshape(-1, *v_cache.shape[2:])[:n]
+
+    return paged
 
 
 def prefill_attention_torch(
@@ -97,16 +93,15 @@ def prefill_attention_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     *,
-    slot_ids: torch.Tensor,
+    slot_ids: torch.Tensor | None,
+    block_table: torch.Tensor | None,
     prefix_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float,
+    max_seqlen_q: int = 0,  # unused (the kernels' signature)
 ) -> torch.Tensor:
-    slots = slot_ids.tolist()
-
-    def gather(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return k_cache[slots[i], :n], v_cache[slots[i], :n]
-
+    """Causal (bottom-right) attention of the packed new tokens over prefix + new K/V."""
+    gather = _gather(k_cache, v_cache, slot_ids, block_table)
     return _prefill_loop(q, gather, prefix_lens, cu_seqlens_q, scale)
 
 
@@ -115,74 +110,15 @@ def decode_attention_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     *,
-    slot_ids: torch.Tensor,
+    slot_ids: torch.Tensor | None,
+    block_table: torch.Tensor | None,
     seq_lens: torch.Tensor,
     scale: float,
+    max_seq_len: int = 0,  # unused (the kernels' signature)
 ) -> torch.Tensor:
-    if q.shape[0] == 0:
-        return torch.empty_like(q)
-    n = int(seq_lens.max())
-    s = slot_ids.long()
-    # Gathers [b, n] tokens, n = the longest live sequence (not the static max_seq_len bound).
-    return _decode_batched(q, k_cache[s, :n], v_cache[s, :n], seq_lens, scale)
-
-
-# ---- paged (block-table) layout: k_blocks [num_blocks, block_size, kv_heads, dim] ----
-
-
-def paged_store_kv_torch(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_blocks: torch.Tensor,
-    v_blocks: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    bs = k_blocks.shape[1]
-    sm = slot_mapping.long()
-    k_blocks[sm // bs, sm % bs] = k.to(k_blocks.dtype)
-    v_blocks[sm // bs, sm % bs] = v.to(v_blocks.dtype)
-
-
-def _paged_gather(blocks: torch.Tensor, table_row: torch.Tensor, n: int) -> torch.Tensor:
-    bs = blocks.shape[1]
-    nb = (n + bs - 1) // bs
-    g = blocks[table_row[:nb].long()]  # [nb, bs, Hkv, d]
-    return g.reshape(nb * bs, *blocks.shape[2:])[:n]
-
-
-def paged_prefill_attention_torch(
-    q: torch.Tensor,
-    k_blocks: torch.Tensor,
-    v_blocks: torch.Tensor,
-    *,
-    block_table: torch.Tensor,
-    prefix_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    def gather(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        row = block_table[i]
-        return _paged_gather(k_blocks, row, n), _paged_gather(v_blocks, row, n)
-
-    return _prefill_loop(q, gather, prefix_lens, cu_seqlens_q, scale)
-
-
-def paged_decode_attention_torch(
-    q: torch.Tensor,
-    k_blocks: torch.Tensor,
-    v_blocks: torch.Tensor,
-    *,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    if q.shape[0] == 0:
-        return torch.empty_like(q)
-    bs = k_blocks.shape[1]
-    n = int(seq_lens.max())
-    nb = (n + bs - 1) // bs
-    tbl = block_table[:, :nb].long()  # [b, nb]
-    b = q.shape[0]
-    k = k_blocks[tbl].reshape(b, nb * bs, *k_blocks.shape[2:])[:, :n]
-    v = v_blocks[tbl].reshape(b, nb * bs, *v_blocks.shape[2:])[:, :n]
-    return _decode_batched(q, k, v, seq_lens, scale)
+    """A decode is a prefill of one token after seq_lens - 1 cached ones. Each sequence reads
+    exactly its own rows: nothing past its length (unmapped pages of a virtual slot are a
+    segfault on the host backend; rows past it may hold NaN garbage in a paged pool)."""
+    gather = _gather(k_cache, v_cache, slot_ids, block_table)
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return _prefill_loop(q, gather, seq_lens.cpu() - 1, cu, scale)

@@ -218,9 +218,6 @@ class CudaBackend(Backend):
     def set_access(self, addr: int, nbytes: int) -> None:
         self._call("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1))
 
-    def handle_obj(self, handle: int) -> Any:
-        return self._objs[handle]
-
     def unmap(self, addr: int) -> None:
         with self._lock:
             handle = self._check_unmap(addr)

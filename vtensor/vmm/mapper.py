@@ -27,12 +27,14 @@ from vtensor.vmm.errors import VmmError
 class Ticket:
     """Completion handle of one submitted batch of driver work."""
 
-    __slots__ = ("_done", "_error", "_mapper")
+    __slots__ = ("_done", "_error", "_fn", "_mapper")
 
     def __init__(self, mapper: Mapper | None = None) -> None:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._mapper = mapper
+        # the queued work; taken (set to None) under the mapper's lock by whoever runs it
+        self._fn: Callable[[], None] | None = None
 
     @classmethod
     def completed(cls) -> Ticket:
@@ -58,8 +60,8 @@ class Mapper:
     def __init__(self, name: str = "vtensor-mapper") -> None:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
-        self._urgent: deque[tuple[Callable[[], None], Ticket]] = deque()
-        self._lazy: deque[tuple[Callable[[], None], Ticket]] = deque()
+        self._urgent: deque[Ticket] = deque()
+        self._lazy: deque[Ticket] = deque()  # may hold tickets run_now already ran: skipped
         self._stopping = False
         self._error: BaseException | None = None
         self._closed = False
@@ -82,23 +84,20 @@ class Mapper:
 
     def _enqueue(self, fn: Callable[[], None], lazy: bool) -> Ticket:
         t = Ticket(self)
+        t._fn = fn
         with self._cv:
             self.submitted += 1
-            (self._lazy if lazy else self._urgent).append((fn, t))
+            (self._lazy if lazy else self._urgent).append(t)
             self._cv.notify()
         return t
 
     def run_now(self, ticket: Ticket) -> None:
         """From work running on the mapper thread: run lazy `ticket` first if it has not run
         (e.g. the unmap of an address that this work maps again)."""
-        if ticket.done():
-            return
-        with self._cv:
-            item = next((it for it in self._lazy if it[1] is ticket), None)
-            if item is not None:
-                self._lazy.remove(item)
-        if item is not None:
-            self._execute(*item)
+        with self._lock:  # O(1): take the work; the loop skips the ticket when it pops it
+            fn, ticket._fn = ticket._fn, None
+        if fn is not None:
+            self._execute(fn, ticket)
 
     def flush(self) -> None:
         """Wait until everything submitted so far, lazy work included, has run (errors stay
@@ -121,12 +120,14 @@ class Mapper:
                 while not (self._urgent or self._lazy or self._stopping):
                     self._cv.wait()
                 if self._urgent:
-                    item = self._urgent.popleft()
+                    t = self._urgent.popleft()
                 elif self._lazy:
-                    item = self._lazy.popleft()
+                    t = self._lazy.popleft()
                 else:
                     return  # stopping, and everything ran
-            self._execute(*item)
+                fn, t._fn = t._fn, None
+            if fn is not None:  # None: run_now ran it already
+                self._execute(fn, t)
 
     def _execute(self, fn: Callable[[], None], ticket: Ticket) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,111 @@
+"""KVManager: the one interface the engine has to a KV cache, virtual (`KVCache`) or paged
+(`PagedKVCache`). The scheduler decides with it (acquire / ensure / release / free / swap),
+the runner builds each step's attention inputs from its integers (`store_targets`,
+`kv_index`), the engine waits for it (`wait_ready`), publishes prefixes and watches it.
+
+Slots: a request holds one slot from `acquire` until `release` / `free`. Token ids passed in
+are the request's tokens whose KV is (or will be, once this step ran) valid in the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class KVIntegrityError(RuntimeError):
+    """check_integrity() found inconsistent page bookkeeping (always a bug)."""
+
+
+class SlotStateError(RuntimeError):
+    """An operation on a slot in the wrong state (e.g. ensure on a free slot)."""
+
+
+@dataclass(slots=True)
+class Allocation:
+    slot: int
+    num_cached_tokens: int  # prefix tokens whose KV is already in the slot
+
+
+class KVManager(Protocol):
+    # per layer (k, v): [slots, max_tokens, kv_heads, d] (virtual) or [blocks, block_size,
+    # kv_heads, d] (paged); the base address never moves (CUDA graphs stay valid)
+    kv_views: list[tuple[torch.Tensor, torch.Tensor]]
+    num_slots: int
+    max_tokens: int  # per slot
+    kv_index_width: int  # columns of kv_index(): 1 (virtual: the slot) or max blocks (paged)
+
+    # ---- scheduling (integers only, no waiting on the device) ----
+    def acquire(self, request_id: str, token_ids: Sequence[int]) -> Allocation | None:
+        """A slot for a new request (None: no free slot). Reuses KV of a cached prefix or of a
+        parked conversation slot; always leaves >= 1 token to compute."""
+        ...
+
+    def ensure(self, slot: int, num_tokens: int) -> bool:
+        """Room for tokens [0, num_tokens) of the slot, evicting cached pages if needed. False
+        when even eviction cannot give it (the caller preempts); never partial."""
+        ...
+
+    def num_free_pages(self) -> int:
+        """Pages obtainable now: free + evictable."""
+        ...
+
+    # ---- prefix sharing, lifetime ----
+    def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> None:
+        """token_ids' KV is now valid in the slot: publish its full pages for prefix reuse."""
+        ...
+
+    def release(self, slot: int, token_ids: Sequence[int], park: bool = True) -> None:
+        """The request finished; token_ids' KV is valid. `park`: keep the slot's pages for a
+        follow-up turn (conversation affinity) where the cache supports it."""
+        ...
+
+    def free(self, slot: int) -> None:
+        """Drop the slot's KV at once (abort, recompute preemption)."""
+        ...
+
+    def swap_out(self, slot: int) -> None:
+        """The slot's private pages to host memory (swap preemption)."""
+        ...
+
+    def swap_in(self, slot: int) -> bool:
+        """Back from host memory; False: no room yet."""
+        ...
+
+    # ---- device side ----
+    def wait_ready(self) -> None:
+        """Block until the page work the next step needs is done (before the step runs)."""
+        ...
+
+    def store_targets(
+        self, slots: Sequence[int], starts: Sequence[int], counts: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """(store_a, store_b) of tokens [starts[i], starts[i] + counts[i]) of each slot, in
+        order: token t's K/V go to k_cache[store_a[t], store_b[t]]."""
+        ...
+
+    def kv_index(self, slots: Sequence[int]) -> torch.Tensor:
+        """Host int32 [len(slots), kv_index_width]: where each slot's KV lives."""
+        ...
+
+    # ---- telemetry, checks, teardown ----
+    def maybe_trim(self) -> int:
+        """Give idle free memory back (called while the engine is idle); pages trimmed."""
+        ...
+
+    def snapshot(self) -> dict:
+        """Telemetry (pages_*, bytes_*, slots_*, counters, prefix_hit_rate)."""
+        ...
+
+    def record(self, t: float | None = None) -> dict:
+        """Append a snapshot (with time t) to `series`, for plots."""
+        ...
+
+    def check_integrity(self) -> None:
+        """Raise KVIntegrityError unless all bookkeeping adds up."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,137 @@
+"""Parking, eviction and swap for KVCache.
+
+A finished request's slot is parked (pages kept for a follow-up turn, evictable LRU along with
+cached-only tree pages); a preempted one may swap its private pages to host memory and back
+to the same virtual addresses. `_make_room` is the one place that evicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vtensor.kv.slots import KVCacheBase, Slot, SlotState
+
+
+class Parking(KVCacheBase):
+    def _evict_one(self) -> bool:
+        """Evict the least recently used of: an unlocked cached tree leaf, a parked slot."""
+        t_node = self.tree.oldest_use()
+        t_park = self.slots[next(iter(self.parked))].parked_at if self.parked else None
+        if t_node is None and t_park is None:
+            return False
+        if t_park is None or (t_node is not None and t_node <= t_park):
+            page = self.tree.evict_one()
+            self.pool.decref(page)  # the tree's reference: the page goes back to the pool
+            self.stats["evicted_pages"] += 1
+        else:
+            self._drop(self.slots[next(iter(self.parked))])
+            self.stats["evicted_slots"] += 1
+        return True
+
+    def _make_room(self, n: int) -> bool:
+        while self._avail() < n:
+            if not self._evict_one():
+                return False
+        return True
+
+    def num_free_pages(self) -> int:
+        """Pages obtainable now: free within the budget + evictable (cached, parked)."""
+        return min(self._avail() + self.tree.num_unpinned + self.parked_private_pages, 1 << 62)
+
+    def release(self, slot: int, token_ids: Sequence[int], park: bool = True) -> None:
+        s = self._slot(slot, SlotState.ACTIVE)
+        if len(token_ids):
+            self.cache_prefix(slot, token_ids)
+        if not (park and self.enable_prefix_cache and s.tokens):
+            self._drop(s)
+            return
+        # keep pages through the valid tokens + lookahead: the next turn continues from there
+        keep = self.layout.pages_for(min(len(s.tokens) + self.lookahead_tokens, self.max_tokens))
+        if s.mapped > keep:
+            self._unmap_runs(slot, range(keep, s.mapped), self.backend.record_event())
+            s.mapped = keep
+        s.state, s.request_id = SlotState.PARKED, None
+        s.pending = None
+        s.num_tokens = len(s.tokens)
+        self.tree.unpin(s.path)
+        self.tree.clock += 1
+        s.parked_at = self.tree.clock
+        s.parked_private = s.mapped - s.tree_mapped
+        self.parked_private_pages += s.parked_private
+        self.parked[slot] = None
+        self.maybe_trim()
+
+    def _drop(self, s: Slot) -> None:
+        """Unmap everything of the slot (after the GPU is done with it), unlock its path."""
+        if s.mapped:
+            mapped = [j for j in range(s.mapped) if self.vt.is_mapped(self.slot_page(s.index, j))]
+            self._unmap_runs(s.index, mapped, self.backend.record_event())
+        if s.state == SlotState.PARKED:
+            del self.parked[s.index]
+            self.parked_private_pages -= s.parked_private
+        self.tree.unlock(s.path, pinned=s.state != SlotState.PARKED)
+        self._set_tail(s, None)
+        s.state, s.request_id = SlotState.FREE, None
+        s.mapped = s.tree_mapped = s.num_tokens = s.parked_private = 0
+        s.path, s.tokens, s.swap_pages = [], [], []
+        s.pending, s.swap_buf = None, None
+        self.free_slots.append(s.index)
+
+    def _private_pages(self, s: Slot) -> list[int]:
+        out = []
+        for j in range(s.mapped):
+            page = self.vt.page(self.slot_page(s.index, j))
+            if page is not None and not (j < len(s.path) and s.path[j].page is page):
+                out.append(j)
+        return out
+
+    def swap_out(self, slot: int) -> None:
+        """Private pages -> (pinned) host memory, then unmapped; shared pages stay mapped."""
+        s = self._slot(slot, SlotState.ACTIVE)
+        self.wait_ready()  # the pages must be mapped (and written) before we read them
+        if s.pending is not None:  # lookahead pages too: they are copied like the others
+            s.pending.wait()
+            s.pending = None
+        ps = self.page_size
+        pages = self._private_pages(s)
+        pin = self.backend.name == "cuda" and torch.cuda.is_available()
+        buf = torch.empty(len(pages) * ps, dtype=torch.uint8, pin_memory=pin)
+        for i, j in enumerate(pages):
+            off = self.slot_page(slot, j) * ps
+            buf[i * ps : (i + 1) * ps].copy_(self._bytes[off : off + ps], non_blocking=True)
+        self._unmap_runs(slot, pages, self.backend.record_event())  # after the copies
+        s.swap_pages, s.swap_buf = pages, buf
+        s.pending = None
+        s.state = SlotState.SWAPPED
+        self._set_tail(s, None)  # its partial page is gone: no longer a copy source
+        self.stats["swap_outs"] += 1
+        self.stats["swap_bytes"] += len(pages) * ps
+
+    def swap_in(self, slot: int) -> bool:
+        """Fresh pages at the same virtual addresses, data copied back. False: no room."""
+        s = self._slot(slot, SlotState.SWAPPED)
+        pages, buf, ps = s.swap_pages, s.swap_buf, self.page_size
+        if not self._make_room(len(pages)):
+            return False
+        tickets = []
+        i = 0
+        while i < len(pages):
+            j = i + 1
+            while j < len(pages) and pages[j] == pages[j - 1] + 1:
+                j += 1
+            tickets.append(self._map(slot, pages[i], pages[j - 1] + 1))
+            i = j
+        for t in tickets:
+            t.wait()
+        assert buf is not None
+        for i, j in enumerate(pages):
+            off = self.slot_page(slot, j) * ps
+            self._bytes[off : off + ps].copy_(buf[i * ps : (i + 1) * ps], non_blocking=True)
+        s.swap_pages, s.swap_buf = [], None
+        s.state = SlotState.ACTIVE
+        if self.enable_prefix_cache and s.tokens:
+            self._set_tail(s, self.deepest(s))
+        self.stats["swap_ins"] += 1
+        return True
