@@ -87,5 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m vtensor.cli: run the importable module's main, so that
+    from vtensor.cli import main as _main  # UsageError raised by subcommands is the same class
+
+    sys.exit(_main())

@@ -134,8 +134,20 @@ class Soak:
             self.c = c
             stop = time.monotonic() + seconds
             workers = [self._worker(i, stop) for i in range(self.args.concurrency)]
-            await asyncio.gather(*workers, self._bursts(stop))
+            await asyncio.gather(self._pressure(), *workers, self._bursts(stop))
         return self.t
+
+    async def _pressure(self) -> None:
+        """Long greedy requests at once, more KV than the budget: preemption, after which
+        each must still equal the others (same prompt, greedy)."""
+        body = {"prompt": "Pressure: " + " ".join(WORDS), "temperature": 0, "ignore_eos": True,
+                "max_tokens": self.args.pressure_tokens}  # fmt: skip
+        texts = await asyncio.gather(*(self._one("completions", dict(body), i % 2 == 1, None)
+                                       for i in range(self.args.pressure)))  # fmt: skip
+        done = [t for t in texts if t is not None]
+        if len(set(done)) > 1:
+            self.t.bad(f"greedy under KV pressure differs: {sorted(set(done))[:2]}")
+        self.t.outcomes["pressure_checked"] += len(done)
 
     async def _worker(self, i: int, stop: float) -> None:
         rng = random.Random(self.args.seed * 1000 + i)
@@ -419,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-waiting", type=int, default=24, help="queue cap for the bursts (24)")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients (16)")
     p.add_argument("--burst-every", type=float, default=15.0, help="seconds between bursts")
+    p.add_argument("--pressure", type=int, default=4, help="long greedy requests at start (4)")
+    p.add_argument("--pressure-tokens", type=int, default=120, help="their max_tokens (120)")
     p.add_argument("--refs", type=int, default=6, help="greedy prompts checked against solo")
     p.add_argument("--ref-tokens", type=int, default=12, help="tokens per greedy check")
     p.add_argument("--drain-timeout", type=float, default=2.0, help="shutdown drain (s)")
