@@ -83,11 +83,11 @@ def test_failed_step_fails_its_batch_then_the_engine_goes_on(monkeypatch, solo):
     eng = _engine()
     real, calls = eng.runner.execute, []
 
-    def execute(batch):
+    def execute(batch, fill=None):
         calls.append(len(batch))
         if len(calls) == 2:
             raise RuntimeError("transient")
-        return real(batch)
+        return real(batch, fill)
 
     monkeypatch.setattr(eng.runner, "execute", execute)
     outs = _run(eng, {f"g{i}": (p, greedy(12)) for i, p in enumerate(PROMPTS)})
@@ -106,7 +106,7 @@ def test_failed_step_fails_its_batch_then_the_engine_goes_on(monkeypatch, solo):
 def test_device_errors_and_repeated_failures_propagate(monkeypatch, error):
     eng = _engine()
 
-    def execute(batch):
+    def execute(batch, fill=None):
         raise error
 
     monkeypatch.setattr(eng.runner, "execute", execute)

@@ -18,11 +18,12 @@ import torch
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.detokenizer import Detokenizer
 from vtensor.engine.errors import ErrorKind, RequestError
+from vtensor.engine.inflight import PLACEHOLDER, InFlight, TokenFill
 from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.runner import ModelRunner
 from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
-from vtensor.engine.scheduler import Scheduler
+from vtensor.engine.scheduler import ScheduledBatch, Scheduler
 from vtensor.engine.sequence import Sequence, Status
 from vtensor.kv import KVManager
 
@@ -81,6 +82,7 @@ class EngineArgs:
     seed: int = 0  # dummy weights
     config_overrides: dict | None = None
     debug: bool = False  # check KV integrity whenever the engine goes idle
+    async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N
 
     def __post_init__(self) -> None:
         if self.kv not in ("virtual", "paged"):
@@ -158,6 +160,11 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []  # aborted / failed: reported by the next step()
         self._failures_in_a_row = 0
+        self._inflight: InFlight | None = None  # launched, its sampled ids not yet processed
+        self._step_id = 0
+        # Overlap the CPU's work with the GPU's (inflight.py). Swap preemption copies pages on
+        # the host while the GPU may still write them, so it keeps the plain loop.
+        self.async_scheduling = args.async_scheduling and args.preemption_mode != "swap"
         self._arrivals = 0
         self.counters = dict.fromkeys(
             ("steps", "prefill_steps", "decode_steps", "prompt_tokens_computed",
@@ -218,12 +225,15 @@ class LLMEngine:
         if seq is None:
             return
         self.scheduler.abort(seq)
+        seq.drop_pending()
         seq.finish_reason = "abort"
         seq.t_finish = time.monotonic()
         self._pending.append(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests or self._pending or self.scheduler.failed)
+        return bool(
+            self.requests or self._pending or self.scheduler.failed or self._inflight is not None
+        )
 
     def on_idle(self) -> int:
         """Called while nothing runs: free KV pages idle for kv_idle_trim_s go back to the
@@ -234,30 +244,49 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self, finished_only: bool = False) -> list[RequestOutput]:
-        """One scheduled batch. Returns a RequestOutput per request that got a token (only the
-        finished ones with `finished_only`: offline callers skip building the rest).
+        """Schedule and launch one batch, then process the previous one (overlapped: see
+        inflight.py; with async_scheduling off, the batch just launched). Returns a
+        RequestOutput per request that got a token (only the finished ones with
+        `finished_only`: offline callers skip building the rest).
 
-        A failure tied to the requests of this step ends those requests with a RequestError and
+        A failure tied to the requests of a step ends those requests with a RequestError and
         the engine goes on; only a device error (or repeated failures) propagates."""
         batch = self.scheduler.schedule()
         done = self._pending + self.scheduler.failed
         self._pending, self.scheduler.failed = [], []
         outputs = []
         for seq in done:
+            seq.drop_pending()
             self.requests.pop(seq.request_id, None)
             outputs.append(self._output(seq))
-        if not batch:
-            if self.args.debug and not self.requests:
-                self.kv_cache.check_integrity()
-            return outputs
+        launched = self._launch(batch, outputs, finished_only) if batch else None
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._process(prev, outputs, finished_only)
+        if launched is not None:
+            if self.async_scheduling:
+                self._inflight = launched
+            else:
+                self._process(launched, outputs, finished_only)
+        self.scheduler.remove_finished()
+        if self.args.debug and not self.requests and self._inflight is None:
+            self.kv_cache.check_integrity()
+        return outputs
+
+    def _launch(
+        self, batch: ScheduledBatch, outputs: list[RequestOutput], finished_only: bool
+    ) -> InFlight | None:
+        """Run the model on `batch` and sample; the ids stay on the device (and travel to the
+        host behind an event). Each sampled request gets a PLACEHOLDER token."""
         self.counters["steps"] += 1
         self.counters["prefill_steps" if batch.is_prefill else "decode_steps"] += 1
+        self._step_id += 1
         try:
             self.kv_cache.wait_ready()
-            logits, rows = self.runner.execute(batch)
+            logits, rows = self.runner.execute(batch, self._token_fill(batch))
         except Exception as e:
             self._batch_failed(batch.seqs, e, outputs)
-            return outputs
+            return None
         self._failures_in_a_row = 0
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             seq.num_computed += n
@@ -265,19 +294,57 @@ class LLMEngine:
                 self.counters["prompt_tokens_computed"] += n
                 if self.args.enable_prefix_cache:  # publish full pages for concurrent requests
                     self.kv_cache.cache_prefix(seq.slot, seq.token_ids[: seq.num_computed])
-        if rows:
-            seqs = [batch.seqs[r] for r in rows]
-            try:
-                groups = [(seqs, self.sampler(logits, seqs))]
-            except Exception:  # find the request(s) it failed on; sample the others alone
-                log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
-                groups = self._sample_rows(logits, seqs, outputs)
-            for group, out in groups:
-                self._emit(group, out, outputs, finished_only)
-        self.scheduler.remove_finished()
-        if self.args.debug and not self.requests:
-            self.kv_cache.check_integrity()
-        return outputs
+        if not rows:
+            return None
+        seqs = [batch.seqs[r] for r in rows]
+        if self._inflight is not None and any(s.params.has_penalties for s in seqs):
+            # penalties count output ids on the host: the previous step's must be known
+            prev, self._inflight = self._inflight, None
+            self._process(prev, outputs, finished_only)
+            keep = [j for j, s in enumerate(seqs) if s.status != Status.FINISHED]
+            if len(keep) < len(seqs):
+                logits, seqs = logits[keep], [seqs[j] for j in keep]
+            if not seqs:
+                return None
+        try:
+            out = self.sampler(logits, seqs)
+        except Exception:  # find the request(s) it failed on; sample the others alone
+            log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
+            prev, self._inflight = self._inflight, None
+            if prev is not None:  # keep each request's tokens in order
+                self._process(prev, outputs, finished_only)
+            for group, group_out in self._sample_rows(logits, seqs, outputs):
+                self._process(self._pend(group, group_out), outputs, finished_only)
+            return None
+        return self._pend(seqs, out)
+
+    def _pend(self, seqs: list[Sequence], out: SamplerOutput) -> InFlight:
+        index = []
+        for j, seq in enumerate(seqs):
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.sample_row = j
+            index.append(seq.num_tokens - 1)
+            p = seq.params
+            if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
+                seq.num_tokens >= self.max_model_len
+            ):
+                # stops on length whatever the token: never schedule it again (its slot is
+                # released once the token is known: the prefix cache wants real ids)
+                self.scheduler.hold(seq)
+        return InFlight.launch(self._step_id, seqs, index, out)
+
+    def _token_fill(self, batch: ScheduledBatch) -> TokenFill | None:
+        """Decode inputs that are the in-flight step's samples: gathered on the device."""
+        if self._inflight is None:
+            return None
+        dst, rows, pos = [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            pos += n
+            if seq.token_ids[seq.num_computed + n - 1] == PLACEHOLDER:  # only the last can be
+                dst.append(pos - 1)
+                rows.append(seq.sample_row)
+        return TokenFill(self._inflight.out.token_ids, dst, rows) if dst else None
 
     def _sample_rows(
         self, logits: torch.Tensor, seqs: list[Sequence], outputs: list[RequestOutput]
@@ -294,23 +361,23 @@ class LLMEngine:
                 self._fail_request(seq, RequestError(ErrorKind.INTERNAL, msg), outputs)
         return groups
 
-    def _emit(
-        self,
-        seqs: list[Sequence],
-        out: SamplerOutput,
-        outputs: list[RequestOutput],
-        finished_only: bool,
+    def _process(
+        self, step: InFlight, outputs: list[RequestOutput], finished_only: bool
     ) -> None:
-        """Append the sampled tokens (stop checks, detokenization) and collect outputs."""
-        ids = out.token_ids.tolist()  # the one host sync of the step
-        lps = tops = top_ids = None
-        if out.logprobs is not None:
-            lps = out.logprobs.tolist()
-            if out.top_ids is not None:
-                tops, top_ids = out.top_logprobs.tolist(), out.top_ids.tolist()
+        """Fill in a launched step's tokens (the step's one host sync), stop checks,
+        detokenization, outputs."""
+        vals = step.wait()
+        ids = vals[0]
+        lps = vals[1] if len(vals) > 1 else None
+        tops, top_ids = (vals[2], vals[3]) if len(vals) > 3 else (None, None)
         now = time.monotonic()
-        for j, (seq, tok) in enumerate(zip(seqs, ids, strict=True)):
+        for j, (seq, idx) in enumerate(zip(step.seqs, step.index, strict=True)):
+            if idx >= seq.num_tokens or seq.token_ids[idx] != PLACEHOLDER:
+                continue  # the request ended (abort, stop, error) before this token
+            tok = ids[j]
             try:
+                seq.token_ids[idx] = tok
+                seq.num_pending -= 1
                 if seq.logprobs is not None and lps is not None:
                     entry = {}
                     if tops is not None:
@@ -319,8 +386,8 @@ class LLMEngine:
                     entry[tok] = lps[j]
                     seq.logprobs.append(entry)
                     seq.cumulative_logprob += lps[j]
-                self._append(seq, tok, now)
-                if not finished_only or seq.status == Status.FINISHED:
+                self._append(seq, idx, tok, now)
+                if not finished_only or seq.finish_reason is not None:
                     outputs.append(self._output(seq))
             except Exception:
                 log.exception("processing the output of request %s failed", seq.request_id)
@@ -344,20 +411,21 @@ class LLMEngine:
     def _fail_request(
         self, seq: Sequence, error: RequestError, outputs: list[RequestOutput]
     ) -> None:
-        if seq.status == Status.FINISHED and seq.error is not None:
-            return
+        if seq.request_id not in self.requests:
+            return  # already ended
         self.scheduler.abort(seq)  # frees its KV, drops it from any queue
+        seq.drop_pending()
         seq.finish_reason, seq.error, seq.t_finish = "error", error, time.monotonic()
         self.requests.pop(seq.request_id, None)
         outputs.append(self._output(seq))
 
-    def _append(self, seq: Sequence, tok: int, now: float) -> None:
-        seq.token_ids.append(tok)
+    def _append(self, seq: Sequence, idx: int, tok: int, now: float) -> None:
+        """Token `tok` landed at token_ids[idx]: stop checks (as if nothing came after it)."""
         self.counters["generation_tokens"] += 1
         if seq.t_first_token is None:
             seq.t_first_token = now
         p = seq.params
-        n_out = seq.num_output_tokens
+        n_out = idx + 1 - len(seq.prompt_token_ids)
         stop_str = seq.detok.add(tok)
         reason, stop_reason = None, None
         if stop_str is not None:
@@ -367,17 +435,22 @@ class LLMEngine:
         elif n_out > p.min_tokens and tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
         elif (p.max_tokens is not None and n_out >= p.max_tokens) or (
-            seq.num_tokens >= self.max_model_len
+            idx + 1 >= self.max_model_len
         ):
             reason = "length"
-        if reason is not None:
-            seq.finish_reason, seq.stop_reason, seq.t_finish = reason, stop_reason, now
-            self.scheduler.finish(seq)
-            self.requests.pop(seq.request_id, None)
-            self.counters["requests_finished"] += 1
+        if reason is None:
+            return
+        seq.drop_pending()  # a token of the next step, if any, is dropped
+        seq.finish_reason, seq.stop_reason, seq.t_finish = reason, stop_reason, now
+        if seq.status in (Status.WAITING, Status.SWAPPED):  # preempted meanwhile
+            self.scheduler.abort(seq)  # leaves its queue
+        elif seq.slot is not None:  # running, or held since its length stop was launched
+            self.scheduler.finish(seq)  # parks its KV for the conversation's next turn
+        self.requests.pop(seq.request_id, None)
+        self.counters["requests_finished"] += 1
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        finished = seq.status == Status.FINISHED
+        finished = seq.finish_reason is not None  # length stops are released at launch
         out_ids = seq.output_token_ids
         text = seq.detok.visible(finished)
         comp = CompletionOutput(
@@ -424,7 +497,7 @@ class LLMEngine:
     def close(self) -> None:
         for rid in list(self.requests):
             self.abort_request(rid)
-        self._pending = []
+        self._pending, self._inflight = [], None
         self.runner.close()
         self.kv_cache.close()
         if self.device.type == "cuda":

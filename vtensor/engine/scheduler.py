@@ -62,6 +62,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first
         self.swapped: deque[Sequence] = deque()  # oldest first
         self.failed: list[Sequence] = []  # given up on (KV too small); the engine reports them
+        # stopped (length) but their last token is still in flight: KV kept until it lands
+        self.held: set[Sequence] = set()
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ queue
@@ -69,8 +71,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def hold(self, seq: Sequence) -> None:
+        """seq stops once its in-flight token lands: never scheduled again, its KV is kept
+        (and counts as pages that will come back) until `finish`."""
+        if seq.status == Status.RUNNING:
+            seq.status = Status.FINISHED  # remove_finished drops it from `running`
+            self.held.add(seq)
+
     def finish(self, seq: Sequence) -> None:
         """seq finished normally: park its KV (valid tokens published for prefix reuse)."""
+        self.held.discard(seq)
         seq.status = Status.FINISHED
         if seq.slot is not None:
             self.kv.release(seq.slot, seq.token_ids[: seq.num_computed])
@@ -78,6 +88,7 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> None:
         """Drop seq from whatever queue holds it and free its KV at once."""
+        self.held.discard(seq)
         if seq.status == Status.WAITING:
             self._remove(self.waiting, seq)
         elif seq.status == Status.SWAPPED:
@@ -135,7 +146,7 @@ class Scheduler:
                 if victim is not seq:
                     self._preempt(victim)
                     continue
-                if i == 0:  # alone in the engine and still no room
+                if i == 0 and not self.held:  # alone in the engine and still no room
                     self._fail(seq, self._too_large(seq, seq.num_computed + n))
                 else:
                     self._preempt(seq)
@@ -152,7 +163,7 @@ class Scheduler:
         while self.swapped and len(running) < self.max_num_seqs:
             seq = self.swapped[0]
             if not self.kv.swap_in(seq.slot):
-                if running or batch:
+                if running or batch or self.held:
                     return batch  # wait for running requests to give pages back
                 # nothing runs that could free pages: recompute instead of waiting forever
                 self.swapped.popleft()
@@ -175,7 +186,7 @@ class Scheduler:
             if not self.kv.ensure(seq.slot, seq.num_computed + n):
                 self.kv.free(seq.slot)
                 seq.slot, seq.num_computed = None, 0
-                if running:
+                if running or self.held:
                     break  # wait for running requests to give pages back
                 self.waiting.popleft()
                 self._fail(seq, self._too_large(seq, n))

@@ -43,6 +43,8 @@ class Sequence:
     num_sent: int = 0  # output tokens already reported
     text_sent: int = 0  # chars of output text already reported
     num_preemptions: int = 0
+    num_pending: int = 0  # sampled tokens still on their way to the host (PLACEHOLDERs at the end)
+    sample_row: int = 0  # this request's row in the last launched step's sampled ids
     t_arrival: float = field(default_factory=time.monotonic)
     t_first_token: float | None = None
     t_finish: float | None = None
@@ -59,11 +61,19 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
+        """Output token ids known on the host (pending ones excluded)."""
+        return self.token_ids[len(self.prompt_token_ids) : len(self.token_ids) - self.num_pending]
+
+    def drop_pending(self) -> None:
+        """Forget sampled tokens not yet on the host (the request ended before them)."""
+        if self.num_pending:
+            del self.token_ids[len(self.token_ids) - self.num_pending :]
+            self.num_pending = 0
 
     @property
     def finished(self) -> bool:
