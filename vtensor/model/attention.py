@@ -1,4 +1,4 @@
-"""Attention layer: fused qkv projection -> (q/k norm) -> RoPE -> store K/V -> attention.
+"""Attention layer: fused qkv projection -> (q/k norm) -> RoPE + store K/V -> attention.
 
 The K/V of the new tokens go into the cache first, at [store_a[i], store_b[i]] of this layer's
 view (the same for every layout), and the engine's attention backend then reads prefix and new
@@ -14,7 +14,7 @@ from torch import nn
 from vtensor.model.config import ModelConfig
 from vtensor.model.context import get_context
 from vtensor.model.layers import RMSNorm, RotaryEmbedding
-from vtensor.ops import store_kv
+from vtensor.ops.fused import rope_store_kv
 
 
 class Attention(nn.Module):
@@ -47,7 +47,9 @@ class Attention(nn.Module):
         ctx = get_context()
         meta = ctx.meta
         k_cache, v_cache = meta.kv_views[self.layer_idx]
-        q, k = self._rotary[0](positions, q, k)
-        store_kv(k, v, k_cache, v_cache, meta.store_a, meta.store_b)
+        rot = self._rotary[0]
+        # one kernel on CUDA: RoPE on q and k, roped k and v into this layer's cache
+        q = rope_store_kv(q, k, v, positions, rot.cos_cache, rot.sin_cache, k_cache, v_cache,
+                          meta.store_a, meta.store_b)  # fmt: skip
         o = ctx.backend.forward(self.layer_idx, q, meta, self.scale)  # [n, heads, d]
         return self.o_proj(o.reshape(n, self.q_size))
