@@ -13,6 +13,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "e2e": ("vtensor.bench.e2e", "end-to-end workloads (multi-turn, shared prefix, long ctx)"),
     "all": ("vtensor.bench.all", "every benchmark, JSON + plots + a Markdown summary"),
     "vs-vllm": ("vtensor.bench.vs_vllm", "vtensor vs vLLM 0.26 side by side, in parts"),
+    "profile": ("vtensor.bench.profile", "per-step GPU vs wall time, launches, GPU-busy share"),
+    "fused": ("vtensor.bench.fused", "fused layer kernels: GB/s and launches per layer"),
 }
 
 

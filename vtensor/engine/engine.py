@@ -160,6 +160,9 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []  # aborted / failed: reported by the next step()
         self._failures_in_a_row = 0
+        # host time per phase of step(), seconds (bench profile reads it): wait_s is the time
+        # blocked on the GPU for sampled ids, the rest is CPU work the GPU may overlap
+        self.timing = dict.fromkeys(("schedule_s", "launch_s", "process_s", "wait_s"), 0.0)
         self._inflight: InFlight | None = None  # launched, its sampled ids not yet processed
         self._step_id = 0
         # Overlap the CPU's work with the GPU's (inflight.py). Swap preemption copies pages on
@@ -251,7 +254,9 @@ class LLMEngine:
 
         A failure tied to the requests of a step ends those requests with a RequestError and
         the engine goes on; only a device error (or repeated failures) propagates."""
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
         done = self._pending + self.scheduler.failed
         self._pending, self.scheduler.failed = [], []
         outputs = []
@@ -260,6 +265,7 @@ class LLMEngine:
             self.requests.pop(seq.request_id, None)
             outputs.append(self._output(seq))
         launched = self._launch(batch, outputs, finished_only) if batch else None
+        t2 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         if prev is not None:
             self._process(prev, outputs, finished_only)
@@ -269,6 +275,10 @@ class LLMEngine:
             else:
                 self._process(launched, outputs, finished_only)
         self.scheduler.remove_finished()
+        tm = self.timing
+        tm["schedule_s"] += t1 - t0
+        tm["launch_s"] += t2 - t1
+        tm["process_s"] += time.perf_counter() - t2  # includes wait_s
         if self.args.debug and not self.requests and self._inflight is None:
             self.kv_cache.check_integrity()
         return outputs
@@ -366,7 +376,9 @@ class LLMEngine:
     ) -> None:
         """Fill in a launched step's tokens (the step's one host sync), stop checks,
         detokenization, outputs."""
+        t0 = time.perf_counter()
         vals = step.wait()
+        self.timing["wait_s"] += time.perf_counter() - t0
         ids = vals[0]
         lps = vals[1] if len(vals) > 1 else None
         tops, top_ids = (vals[2], vals[3]) if len(vals) > 3 else (None, None)

@@ -1,0 +1,24 @@
+"""bench profile: the GPU-busy union and a CPU smoke run of the whole command."""
+
+from __future__ import annotations
+
+import json
+
+from vtensor.bench.profile import _busy_union, main
+
+
+def test_busy_union_counts_overlaps_once():
+    assert _busy_union([]) == 0
+    assert _busy_union([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert _busy_union([(3, 4), (0, 1)]) == 2
+
+
+def test_profile_runs_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    args = ["--model", "smollm2-135m", "--requests", "8", "--warmup-steps", "2", "--steps", "4",
+            "--layers", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["window_steps"] == 4 and res["wall_ms_per_step"] > 0
+    assert set(res["host_ms_per_step"]) == {"schedule", "launch", "process", "wait"}
+    assert "ms/step" in capsys.readouterr().out

@@ -1,0 +1,185 @@
+"""`vtensor bench profile`: where an engine step's time goes, so regressions show.
+
+Runs a workload offline (dummy weights) and, over a window of steps in the middle of the run,
+records with torch.profiler: wall time per step, GPU kernel time per step, the GPU-busy fraction
+(union of kernel intervals / wall: how much of the time the GPU had work), kernels launched per
+step and per layer, and the engine's own host timing (schedule / launch / process, and the time
+blocked waiting for the GPU). Then, separately, launches per decoder layer in an eager decode
+step (bench.fused.count_launches). On the CPU it runs (a smoke test) without kernel figures.
+
+    python -m vtensor.bench.profile --model llama-3-8b --workload sharegpt --requests 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _busy_union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlapping kernels count once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def kernel_stats(events: list[Any], wall_us: float) -> dict[str, Any]:
+    """GPU kernel figures from profiler events (FunctionEvent-like: device_type, name,
+    time_range.start/end in us)."""
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    busy = _busy_union(spans)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "num_kernels": len(kernels),
+        "kernel_time_us": sum(b - a for a, b in spans),
+        "gpu_busy_us": busy,
+        "gpu_busy_fraction": busy / wall_us if wall_us > 0 else None,
+        "top_kernels_us": [{"name": n[:100], "us": round(t, 1)} for n, t in top],
+    }
+
+
+def profile_run(
+    model: str,
+    workload: str,
+    num_requests: int,
+    warmup_steps: int,
+    window_steps: int,
+    engine_kw: dict[str, Any],
+) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from vtensor.bench import workloads as W
+    from vtensor.engine import LLMEngine, SamplingParams
+
+    wl = W.GENERATORS[workload](num_requests, seed=0) if workload == "sharegpt" else (
+        W.GENERATORS[workload](seed=0))  # fmt: skip
+    if wl.multi_turn:
+        raise SystemExit("profile runs single-shot workloads (sharegpt, shared_prefix, ...)")
+    max_len = wl.max_context() + 8
+    kw = dict(model=model, load_format="dummy", dtype="bfloat16", max_model_len=max_len)
+    kw.update(engine_kw)
+    t0 = time.perf_counter()
+    eng = LLMEngine(**kw)
+    startup_s = time.perf_counter() - t0
+    for r in wl.requests:
+        p = SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True)
+        eng.add_request(r.request_id, r.prompt_token_ids, p)
+    cuda = eng.device.type == "cuda"
+    for _ in range(warmup_steps):
+        eng.step(finished_only=True)
+    before = dict(eng.counters), dict(eng.timing)
+    acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    steps = 0
+    with profile(activities=acts) as prof:
+        t1 = time.perf_counter()
+        while steps < window_steps and eng.has_unfinished_requests():
+            eng.step(finished_only=True)
+            steps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t1
+    delta = {k: eng.counters[k] - before[0][k] for k in eng.counters}
+    timing = {k: eng.timing[k] - before[1][k] for k in eng.timing}
+    while eng.has_unfinished_requests():  # finish the run (frees everything cleanly)
+        eng.step(finished_only=True)
+    layers = eng.model_config.num_layers
+    res: dict[str, Any] = {
+        "model": model, "workload": workload, "num_requests": len(wl.requests),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "engine_config": eng.config.describe(),
+        "startup_s": startup_s, "window_steps": steps, "wall_s": wall,
+        "wall_ms_per_step": 1e3 * wall / max(steps, 1),
+        "tokens_per_step": {
+            "generated": delta["generation_tokens"] / max(steps, 1),
+            "prompt": delta["prompt_tokens_computed"] / max(steps, 1),
+        },
+        "decode_steps": delta["decode_steps"], "prefill_steps": delta["prefill_steps"],
+        "host_ms_per_step": {k[:-2]: 1e3 * v / max(steps, 1) for k, v in timing.items()},
+    }  # fmt: skip
+    if cuda:
+        ks = kernel_stats(list(prof.events()), wall * 1e6)
+        ks["gpu_ms_per_step"] = ks["kernel_time_us"] / 1e3 / max(steps, 1)
+        ks["kernels_per_step"] = ks["num_kernels"] / max(steps, 1)
+        ks["kernels_per_layer_step"] = ks["kernels_per_step"] / layers
+        res["gpu"] = ks
+    eng.close()
+    return res
+
+
+def format_report(res: dict[str, Any]) -> str:
+    lines = [
+        f"{res['model']} / {res['workload']} ({res['num_requests']} req) on {res['device']}: "
+        f"{res['window_steps']} steps profiled ({res['decode_steps']} decode, "
+        f"{res['prefill_steps']} with prefill)",
+        f"  wall {res['wall_ms_per_step']:.2f} ms/step; tokens/step: "
+        f"{res['tokens_per_step']['generated']:.0f} generated, "
+        f"{res['tokens_per_step']['prompt']:.0f} prompt",
+        "  host ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["host_ms_per_step"].items()),
+    ]
+    g = res.get("gpu")
+    if g:
+        lines += [
+            f"  GPU kernel time {g['gpu_ms_per_step']:.2f} ms/step, busy "
+            f"{100 * g['gpu_busy_fraction']:.1f}% of wall; {g['kernels_per_step']:.0f} "
+            f"kernels/step ({g['kernels_per_layer_step']:.1f} per layer)",
+            "  top kernels: " + "; ".join(
+                f"{k['name'][:40]} {k['us'] / 1e3:.1f} ms" for k in g["top_kernels_us"][:5]),
+        ]  # fmt: skip
+    lp = res.get("launches")
+    if lp and lp.get("launches_per_layer", {}).get("median") is not None:
+        lines.append(
+            f"  eager decode, batch {lp['batch']}: "
+            f"{lp['launches_per_layer']['median']} launches per decoder layer"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vtensor bench profile", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b", help="dummy-weight preset")
+    p.add_argument("--workload", default="sharegpt", help="single-shot workload of bench")
+    p.add_argument("--requests", type=int, default=512, help="requests (sharegpt)")
+    p.add_argument("--warmup-steps", type=int, default=30, help="steps before the window")
+    p.add_argument("--steps", type=int, default=60, help="steps profiled")
+    p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
+    p.add_argument("--no-launches", action="store_true", help="skip the per-layer count")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+    kw: dict[str, Any] = {}
+    for item in filter(None, a.engine_args.split(",")):
+        k, _, v = item.partition("=")
+        kw[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+    if a.layers:
+        kw["config_overrides"] = {"num_layers": a.layers}
+    res = profile_run(a.model, a.workload, a.requests, a.warmup_steps, a.steps, kw)
+    if not a.no_launches and torch.cuda.is_available():
+        from vtensor.bench.fused import count_launches
+
+        res["launches"] = count_launches(a.model)
+    print(format_report(res), flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
