@@ -180,3 +180,25 @@ def test_detokenizer_incremental_and_stop_strings():
     assert stops == [None] * 6 + ["lo w"] and d2.text == "hel"
     d3 = Detokenizer(CharTokenizer(), [], stop=["lo"], include_stop_str_in_output=True)
     assert [d3.add(ord(c)) for c in "halo"][-1] == "lo" and d3.text == "halo"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_top_p_without_sort_matches_the_sorted_rule(dtype):
+    """Many rows, a larger vocabulary, peaked and flat rows: the bisection and top-k threshold
+    keep exactly the sorted rule's set (random logits: no ties)."""
+    g = torch.Generator().manual_seed(1)
+    b, vocab = 48, 3000
+    scale = torch.logspace(-1, 1.5, b, dtype=torch.float64)[:, None]
+    logits = (torch.randn(b, vocab, generator=g, dtype=torch.float64) * scale).to(dtype)
+    ks = torch.randint(1, vocab + 1, (b,), generator=g)
+    ks[::3] = vocab  # top-k off
+    ps = torch.rand(b, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    ps[1::4] = 1.0  # top-p off
+    out = top_k_top_p(logits, ks, ps.to(dtype))
+    vals, idx = logits.double().sort(dim=-1, descending=True)
+    probs = vals.softmax(-1)
+    before = probs.cumsum(-1) - probs
+    rank = torch.arange(vocab)[None, :]
+    keep_sorted = (rank < ks[:, None]) & ((before < ps[:, None]) | (ps[:, None] >= 1))
+    want = torch.zeros(b, vocab, dtype=torch.bool).scatter_(1, idx, keep_sorted)
+    assert torch.equal(torch.isfinite(out), want)

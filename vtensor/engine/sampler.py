@@ -25,6 +25,13 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [b, k]
 
 
+def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A small host list on the device without a sync (pinned, non-blocking): a pageable
+    copy would wait for the GPU and undo the overlapped loop."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """Repetition (prompt + output, HF/CTRL style), presence and frequency (output only,
     OpenAI style) penalties on the rows that ask for them. logits: [b, V] fp32 (modified)."""
@@ -42,16 +49,17 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
             if x:
                 ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         c = torch.zeros(len(lists), vocab + 1, dtype=logits.dtype, device=dev)
-        c.scatter_add_(1, ids.to(dev), torch.ones(ids.shape, dtype=logits.dtype, device=dev))
+        ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
+        c.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype, device=dev))
         return c[:, :vocab]
 
-    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    idx = _to_device(rows, torch.long, dev)
     sub = logits.index_select(0, idx)
     out_counts = counts(outs)
 
     def col(name: str) -> torch.Tensor:
         vals = [getattr(seqs[i].params, name) for i in rows]
-        return torch.tensor(vals, dtype=logits.dtype, device=dev)[:, None]
+        return _to_device(vals, logits.dtype, dev)[:, None]
 
     rep = col("repetition_penalty")
     seen = counts(alls) > 0
@@ -62,17 +70,42 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     return logits
 
 
-def top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask all but the top_k[i] largest and the smallest set reaching mass top_p[i].
-    logits: [b, V]; top_k: [b] int64 (V = disabled); top_p: [b] (1 = disabled)."""
-    vals, idx = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vals.shape[1], device=vals.device)[None, :]
-    mask = rank >= top_k[:, None]
-    probs = vals.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    mask |= mass_before >= top_p[:, None]  # the first token always survives (mass_before 0)
-    vals = vals.masked_fill(mask, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter_(1, idx, vals)
+# Bisection steps for top-p: the interval shrinks to max_p / 2**40, below fp32 resolution of
+# any probability that matters.
+_TOP_P_ITERS = 40
+
+
+def top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, k_max: int | None = None
+) -> torch.Tensor:
+    """Mask all but the top_k[i] largest and the smallest set reaching mass top_p[i] (of the
+    unmasked distribution). logits: [b, V]; top_k: [b] int64 (V = disabled); top_p: [b]
+    (1 = disabled); k_max: the largest enabled top_k (0: none), when the caller knows it
+    (no host sync).
+
+    No full-vocabulary sort (a 128K vocab makes that the sampler's cost): top-k takes the k-th
+    largest value from `topk(k_max)` as a threshold; top-p bisects for the largest probability
+    t whose tokens {p >= t} still reach the mass, i.e. the boundary token's probability. Both
+    keep every token tied with the boundary (a sort keeps some of the tied ones by index)."""
+    b, vocab = logits.shape
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if k_max is None:
+        enabled = top_k[top_k < vocab]
+        k_max = int(enabled.max()) if enabled.numel() else 0
+    if 0 < k_max < vocab:
+        kth = logits.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(1, k_max) - 1)[:, None])
+        keep &= (logits >= kth) | (top_k[:, None] >= vocab)
+    rows = top_p < 1.0
+    probs = logits.softmax(-1)
+    lo = torch.zeros(b, 1, dtype=probs.dtype, device=probs.device)  # mass(p >= lo) >= top_p
+    hi = probs.amax(-1, keepdim=True) * 1.001 + 1e-30  # mass(p >= hi) = 0 < top_p
+    target = top_p.to(probs.dtype)[:, None]
+    for _ in range(_TOP_P_ITERS):
+        mid = (lo + hi) * 0.5
+        ok = torch.where(probs >= mid, probs, 0).sum(-1, keepdim=True) >= target
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    keep &= (probs >= lo) | ~rows[:, None]
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def mask_min_tokens(logits: torch.Tensor, seqs: Seq[Sequence], eos: Seq[int]) -> None:
@@ -118,16 +151,16 @@ class Sampler:
     ) -> torch.Tensor:
         params = [s.params for s in seqs]
         argmax = logits.argmax(-1) if any(greedy) else None
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
+        temps = _to_device([p.temperature or 1.0 for p in params], logits.dtype, dev)
         x = logits / temps[:, None]
         if any(p.top_k_enabled or p.top_p < 1.0 for p in params):
             k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-            k = torch.tensor(k, device=dev)
-            p_ = torch.tensor([p.top_p for p in params], device=dev, dtype=x.dtype)
-            x = top_k_top_p(x, k, p_)
+            p_ = _to_device([p.top_p for p in params], x.dtype, dev)
+            k_max = max((v for v in k if v < vocab), default=0)
+            x = top_k_top_p(x, _to_device(k, torch.long, dev), p_, k_max=k_max)
         probs = x.softmax(-1)
         if any(p.min_p > 0 for p in params):
-            mp = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
+            mp = _to_device([p.min_p for p in params], probs.dtype, dev)
             keep = probs >= mp[:, None] * probs.amax(-1, keepdim=True)
             probs = probs * keep
         q = torch.empty_like(probs)
@@ -141,6 +174,6 @@ class Sampler:
             q[i].exponential_(generator=s.generator)
         ids = (probs / q).argmax(-1)
         if argmax is not None:
-            mask = torch.tensor(greedy, device=dev)
+            mask = _to_device(greedy, torch.bool, dev)
             ids = torch.where(mask, argmax, ids)
         return ids
