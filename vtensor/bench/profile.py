@@ -97,7 +97,9 @@ def profile_run(
         wall = time.perf_counter() - t1
     delta = {k: eng.counters[k] - before[0][k] for k in eng.counters}
     timing = {k: eng.timing[k] - before[1][k] for k in eng.timing}
-    while eng.has_unfinished_requests():  # finish the run (frees everything cleanly)
+    for rid in list(eng.requests):  # the rest of the run is not measured: end it now
+        eng.abort_request(rid)
+    while eng.has_unfinished_requests():
         eng.step(finished_only=True)
     layers = eng.model_config.num_layers
     res: dict[str, Any] = {
