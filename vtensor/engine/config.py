@@ -19,7 +19,7 @@ from vtensor.ops import AttentionBackend, select_backend
 from vtensor.vmm import make_backend
 
 if TYPE_CHECKING:
-    from vtensor.engine.engine import EngineArgs
+    from vtensor.engine.args import EngineArgs
 
 BIG_GPU_BYTES = 80 * 10**9  # H100 / H200 / A100-80G class: room for large batches
 CPU_KV_BYTES = 2**30

@@ -8,18 +8,17 @@ drives it from one thread).
 from __future__ import annotations
 
 import logging
-import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from vtensor.engine.args import EngineArgs, is_path, parse_memory
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.detokenizer import Detokenizer
 from vtensor.engine.errors import ErrorKind, RequestError
 from vtensor.engine.inflight import PLACEHOLDER, InFlight, TokenFill
-from vtensor.engine.outputs import CompletionOutput, RequestOutput
+from vtensor.engine.outputs import RequestOutput, make_output
 from vtensor.engine.runner import ModelRunner
 from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
@@ -37,67 +36,7 @@ def _is_fatal(e: BaseException) -> bool:
     """A device error leaves the CUDA context unusable: no request can be served after it."""
     return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)
 
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}  # fmt: skip
-
-
-def parse_memory(value: int | float | str | None) -> int | float | None:
-    """KV budget: bytes (int or "4GiB", "512MB"), or a fraction in (0, 1] (float, "0.8") of
-    free device memory."""
-    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and not 0.0 < value <= 1.0:
-            raise ValueError(f"kv_memory fraction must be in (0, 1], got {value}")
-        if isinstance(value, int) and value <= 0:
-            raise ValueError(f"kv_memory must be > 0 bytes, got {value}")
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_memory {value!r}: use bytes, e.g. 4GiB / 512MB, or a fraction 0.8")
-    num, unit = float(m.group(1)), m.group(2).lower()
-    if not unit and "." in m.group(1):
-        return parse_memory(num)
-    return parse_memory(int(num * _UNITS[unit]))
-
-
-@dataclass(slots=True)
-class EngineArgs:
-    model: str | None = None  # HF folder, .gguf, dummy preset name, None: embedded SmolLM2
-    dtype: str = "auto"  # auto: bf16 (or the checkpoint's half type) on CUDA, fp32 on CPU
-    device: str = "auto"
-    max_model_len: int | None = None  # default: min(model's context, 8192)
-    kv: str = "virtual"  # "virtual" | "paged"
-    kv_memory: int | float | str | None = None  # default: engine/config.py (GPU fraction)
-    max_num_seqs: int | None = None  # default by device: see engine/config.py
-    max_num_batched_tokens: int | None = None  # per-step token budget (chunked prefill)
-    load_format: str = "auto"
-    tokenizer: str | None = None
-    enable_prefix_cache: bool = True
-    preemption_mode: str = "recompute"  # or "swap"
-    enforce_eager: bool = False  # no CUDA graphs
-    page_size: int | None = None  # virtual KV page bytes (host default when None)
-    block_size: int = 16  # paged KV
-    attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)
-    async_map: bool = True
-    kv_idle_trim_s: float | None = 30.0  # idle free KV pages go back to the driver after this
-    seed: int = 0  # dummy weights
-    config_overrides: dict | None = None
-    debug: bool = False  # check KV integrity whenever the engine goes idle
-    async_scheduling: bool = True  # schedule step N+1 while the GPU runs step N
-
-    def __post_init__(self) -> None:
-        if self.kv not in ("virtual", "paged"):
-            raise ValueError(f"kv must be 'virtual' or 'paged', got {self.kv!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.kv_memory = parse_memory(self.kv_memory)
-
-
-def _is_path(model: str | None) -> bool:
-    import os
-
-    return model is None or os.path.exists(os.path.expanduser(model))
+__all__ = ["EngineArgs", "LLMEngine", "parse_memory"]
 
 
 class LLMEngine:
@@ -131,7 +70,7 @@ class LLMEngine:
             self.tokenizer = None
         self.load_s = time.perf_counter() - t0
         cfg = self.model_config
-        if preloaded is None and (args.tokenizer is not None or _is_path(args.model)):
+        if preloaded is None and (args.tokenizer is not None or is_path(args.model)):
             try:
                 self.tokenizer = load_tokenizer(args.tokenizer or args.model)
             except ModelNotFoundError as e:  # weights without tokenizer files: ids only
@@ -263,7 +202,7 @@ class LLMEngine:
         for seq in done:
             seq.drop_pending()
             self.requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
+            outputs.append(make_output(seq))
         launched = self._launch(batch, outputs, finished_only) if batch else None
         t2 = time.perf_counter()
         prev, self._inflight = self._inflight, None
@@ -400,7 +339,7 @@ class LLMEngine:
                     seq.cumulative_logprob += lps[j]
                 self._append(seq, idx, tok, now)
                 if not finished_only or seq.finish_reason is not None:
-                    outputs.append(self._output(seq))
+                    outputs.append(make_output(seq))
             except Exception:
                 log.exception("processing the output of request %s failed", seq.request_id)
                 msg = "the engine failed while processing this request's output"
@@ -429,7 +368,7 @@ class LLMEngine:
         seq.drop_pending()
         seq.finish_reason, seq.error, seq.t_finish = "error", error, time.monotonic()
         self.requests.pop(seq.request_id, None)
-        outputs.append(self._output(seq))
+        outputs.append(make_output(seq))
 
     def _append(self, seq: Sequence, idx: int, tok: int, now: float) -> None:
         """Token `tok` landed at token_ids[idx]: stop checks (as if nothing came after it)."""
@@ -460,40 +399,6 @@ class LLMEngine:
             self.scheduler.finish(seq)  # parks its KV for the conversation's next turn
         self.requests.pop(seq.request_id, None)
         self.counters["requests_finished"] += 1
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        finished = seq.finish_reason is not None  # length stops are released at launch
-        out_ids = seq.output_token_ids
-        text = seq.detok.visible(finished)
-        comp = CompletionOutput(
-            index=0,
-            text=text,
-            token_ids=out_ids,
-            new_token_ids=out_ids[seq.num_sent :],
-            new_text=text[seq.text_sent :],
-            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            finish_reason=seq.finish_reason if finished else None,
-            stop_reason=seq.stop_reason,
-        )
-        seq.num_sent, seq.text_sent = len(out_ids), len(text)
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[comp],
-            finished=finished,
-            num_cached_tokens=seq.num_cached_tokens,
-            error=seq.error,
-            metrics={
-                "arrival": seq.t_arrival,
-                "first_token": seq.t_first_token,
-                "finish": seq.t_finish,
-                "num_preemptions": seq.num_preemptions,
-            },  # fmt: skip
-        )
-
-    # ------------------------------------------------------------------ misc
 
     def stats(self, include_kv: bool = True) -> dict:
         s = self.scheduler

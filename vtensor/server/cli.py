@@ -18,7 +18,7 @@ log = logging.getLogger("vtensor.serve")
 
 
 def _size(text: str) -> int:
-    from vtensor.engine.engine import parse_memory
+    from vtensor.engine.args import parse_memory
 
     try:
         n = parse_memory(text)
