@@ -95,6 +95,12 @@ class AsyncLLM:
             self._aborts.append(request_id)
             self._cv.notify()
 
+    @property
+    def dead(self) -> BaseException | None:
+        """The error that stopped the engine thread (a device error), or None while it runs:
+        a failure tied to one request ends only that request."""
+        return self._dead
+
     def stats(self) -> dict:
         """running / waiting counts, KV snapshot (as of the last step), recent TTFT and TPOT
         samples in seconds."""
