@@ -157,6 +157,9 @@ def vtensor_worker(job: dict, out_path: str) -> dict:
     sysobj.generate([W.warmup_prompt(wls)], [4])  # warm-up, as the vLLM worker does
     _write_json(out_path, res)
     for wl in wls:
+        # as the vLLM worker does between workloads (reset_prefix_cache); trimmed too, so each
+        # workload's memory figure is its own
+        sysobj.engine.reset_prefix_cache(trim=True)
         log(f"vtensor: {wl.name}: {wl.stats()}")
         try:
             r = run_offline(sysobj, wl, sample_interval=job.get("sample_interval", 0.1))

@@ -177,6 +177,15 @@ class LLMEngine:
             self.requests or self._pending or self.scheduler.failed or self._inflight is not None
         )
 
+    def reset_prefix_cache(self, trim: bool = False) -> int:
+        """Forget cached prefixes and parked conversations (vLLM's reset_prefix_cache; the
+        benchmarks call it between workloads); `trim`: also give the free pages back to the
+        driver. Returns the pages freed."""
+        n = self.kv_cache.reset_prefix_cache()
+        if trim:
+            self.kv_cache.trim()
+        return n
+
     def on_idle(self) -> int:
         """Called while nothing runs: free KV pages idle for kv_idle_trim_s go back to the
         driver (virtual KV only; a paged pool is preallocated). Returns pages trimmed."""

@@ -140,6 +140,10 @@ class LLM:
         prompts = [apply_chat_template(self.tokenizer, c, **template_kwargs) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget cached prefixes and parked conversations; returns the pages freed."""
+        return self.llm_engine.reset_prefix_cache()
+
     def close(self) -> None:
         self.llm_engine.close()
 

@@ -92,6 +92,15 @@ class KVManager(Protocol):
         ...
 
     # ---- telemetry, checks, teardown ----
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix and parked conversation (as vLLM's reset_prefix_cache);
+        running requests keep their KV. Returns the pages (blocks) made free."""
+        ...
+
+    def trim(self) -> int:
+        """Give free memory back to the driver now; pages trimmed (0 for a preallocated pool)."""
+        ...
+
     def maybe_trim(self) -> int:
         """Give idle free memory back (called while the engine is idle); pages trimmed."""
         ...

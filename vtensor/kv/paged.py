@@ -320,6 +320,18 @@ class PagedKVCache:
         """Nothing to trim: the pool is preallocated (vLLM's design)."""
         return 0
 
+    def trim(self) -> int:
+        return 0
+
+    def reset_prefix_cache(self) -> int:
+        n = 0
+        for h, b in list(self._cached.items()):
+            if b.ref_cnt == 0:  # free already; only its hash made it reusable
+                del self._cached[h]
+                b.block_hash, b.tokens = None, None
+                n += 1
+        return n
+
     # ---- telemetry ----
     def snapshot(self) -> dict:
         in_use = self.num_blocks - self._free.size

@@ -36,6 +36,12 @@ class Parking(KVCacheBase):
                 return False
         return True
 
+    def reset_prefix_cache(self) -> int:
+        before = self.pool.num_in_use()
+        while self._evict_one():  # LRU order, parked slots and unlocked tree pages alike
+            pass
+        return before - self.pool.num_in_use()
+
     def num_free_pages(self) -> int:
         """Pages obtainable now: free within the budget + evictable (cached, parked)."""
         return min(self._avail() + self.tree.num_unpinned + self.parked_private_pages, 1 << 62)
