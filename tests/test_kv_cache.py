@@ -608,7 +608,8 @@ def test_ensure_fast_path_matches_the_general_path():
                 live[slot] = n
         for c in caches:
             c.wait_ready()
-        a, b = (c.snapshot() for c in caches)
+        # the same state; timings (keys ending in _s) differ run to run
+        a, b = ({k: v for k, v in c.snapshot().items() if not k.endswith("_s")} for c in caches)
         assert a == b, step
         assert [(s.mapped, s.num_tokens, s.pending_first) for s in caches[0].slots] == [
             (s.mapped, s.num_tokens, s.pending_first) for s in caches[1].slots

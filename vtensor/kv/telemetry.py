@@ -55,6 +55,8 @@ class Telemetry(KVCacheBase):
             "slots_parked": len(self.parked),
             "slots_swapped": sum(s.state == SlotState.SWAPPED for s in self.slots),
             "mapper_wait_s": self.mapper.wait_seconds if self.mapper is not None else 0.0,
+            "mapper_busy_s": self.mapper.busy_seconds if self.mapper is not None else 0.0,
+            "unmap_event_wait_s": self.vt.event_wait_seconds,
             **self.stats,
         }
         q = self.stats["query_tokens"]

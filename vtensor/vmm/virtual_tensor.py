@@ -13,6 +13,7 @@ map first.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,6 +48,8 @@ class VirtualTensor:
         self._pages: list[PhysPage | None] = [None] * self.num_pages
         self._unmapping: dict[int, Ticket] = {}  # page index -> its lazy unmap, maybe not run
         self.lazy_unmap = lazy_unmap and mapper is not None
+        # time unmap work spent waiting for the GPU to pass its event (mapper or caller thread)
+        self.event_wait_seconds = 0.0
         self._num_mapped = 0
         self._closed = False
         if mapper is not None:
@@ -163,7 +166,9 @@ class VirtualTensor:
         backend = self.backend
 
         def work() -> None:
+            t0 = time.perf_counter()
             backend.wait_event(after)
+            self.event_wait_seconds += time.perf_counter() - t0
             for a in addrs:
                 backend.unmap(a)
 
