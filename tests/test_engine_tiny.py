@@ -78,10 +78,11 @@ def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
     carry token, position, slot and length; pad rows aim at the private pad slot, length 1."""
     from vtensor.engine.runner import graph_buckets
 
-    assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 32] and graph_buckets(256)[-1] == 256
+    assert graph_buckets(256)[:6] == [1, 2, 4, 8, 16, 24] and graph_buckets(256)[-1] == 256
     assert graph_buckets(5) == [1, 2, 4, 5]
     big = graph_buckets(1024)
-    assert len(big) == 32 and big[-3:] == [896, 960, 1024] and 256 in big and 320 in big
+    assert len(big) == 83 and big[-3:] == [992, 1008, 1024] and 256 in big and 272 in big
+    assert all(b - a <= (8 if b <= 256 else 16) for a, b in zip(big[2:], big[3:], strict=False))
     path, _, prompts, _ = checkpoint
     llm = _llm(path)
     eng, runner = llm.llm_engine, llm.llm_engine.runner
