@@ -224,6 +224,44 @@ def test_prefix_sharing_aliases_pages_and_copies_partial(factory):
 
 
 @pytest.mark.parametrize("factory", BACKENDS)
+def test_partial_copies_wait_for_wait_ready_and_survive_a_small_ring(factory, monkeypatch):
+    """Admissions queue their partial-page copies (no wait per request); wait_ready runs them.
+    A ring of 2 scratch entries wraps within the step (flushes early); a slot freed before
+    wait_ready drops its copy; a source evicted before wait_ready still copies right (the ring
+    entry holds its page)."""
+    import vtensor.kv.cache as cache_mod
+    import vtensor.kv.prefix as prefix_mod
+
+    monkeypatch.setattr(prefix_mod, "SCRATCH_PAGES", 2)
+    monkeypatch.setattr(cache_mod, "SCRATCH_PAGES", 2)
+    cache = make_cache(factory, num_slots=6)
+    tpp = tpp_of(cache)
+    rng = random.Random(5)
+    a_tok = [rng.randrange(1000) for _ in range(int(2.5 * tpp))]
+    a = run_prefill(cache, "a", a_tok)
+    cache.release(a.slot, a_tok, park=False)  # cached only: copies read the tree's pages
+    shared = int(1.5 * tpp)  # one aliased page + a partial one
+    toks = {r: a_tok[:shared] + [rng.randrange(1000, 2000) for _ in range(9)] for r in "bcde"}
+    allocs = {r: cache.acquire(r, t) for r, t in toks.items()}
+    assert len(cache.copies) <= 2 and all(al.num_cached_tokens == shared for al in allocs.values())
+    cache.free(allocs["c"].slot)  # before its copy ran
+    nodes = cache.tree.num_nodes
+    cache.reset_prefix_cache()  # evicts the copy sources: their pages must live on
+    assert cache.tree.num_nodes < nodes
+    for r in "bde":
+        assert cache.ensure(allocs[r].slot, len(toks[r]))
+    cache.wait_ready()
+    assert not cache.copies and cache.scratch.num_mapped() == 0
+    for r in "bde":
+        write_kv(cache, allocs[r].slot, toks[r], shared, len(toks[r]))
+        assert_kv(cache, allocs[r].slot, toks[r], len(toks[r]))
+    cache.check_integrity()
+    for r in "bde":
+        cache.release(allocs[r].slot, toks[r], park=False)
+    close_and_check(cache)
+
+
+@pytest.mark.parametrize("factory", BACKENDS)
 def test_identical_prompt_recomputes_last_token_without_touching_shared_pages(factory):
     cache = make_cache(factory)
     tpp = tpp_of(cache)

@@ -23,7 +23,7 @@ from vtensor.kv.budget import resolve_budget
 from vtensor.kv.layout import KVConfigError, KVLayout, KVSpec
 from vtensor.kv.manager import Allocation, SlotStateError
 from vtensor.kv.parking import Parking
-from vtensor.kv.prefix import PrefixSharing
+from vtensor.kv.prefix import SCRATCH_PAGES, PrefixSharing
 from vtensor.kv.radix import RadixTree
 from vtensor.kv.slots import Slot, SlotState
 from vtensor.kv.telemetry import Telemetry
@@ -80,9 +80,13 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         self._base = self.vt.view(spec.dtype, (n_el,))
         self._bytes = self.vt.view(torch.uint8, (layout.total_bytes,))
         self.kv_views = layout.layer_views(self._base)
-        # 1 page of address space to read cached-only tree pages; made now, before any map
-        # work is queued (CUDA builds a tensor over a reservation with a temporary mapping)
-        self.scratch = VirtualTensor(self.pool, ps, self.mapper)
+        # A ring of scratch pages to read partial-page copy sources through; made now, before
+        # any map work is queued (CUDA builds a tensor over a reservation with a temporary
+        # mapping). Address space only: pages are mapped there just for one copy.
+        self.scratch = VirtualTensor(self.pool, SCRATCH_PAGES * ps, self.mapper)
+        self.scratch_bytes = self.scratch.view(torch.uint8, (SCRATCH_PAGES * ps,))
+        self.scratch_next = 0
+        self.copies = []
         self.tree = RadixTree(layout.chunk_end)
         self.slots = [Slot(i) for i in range(num_slots)]
         # FIFO: slot 0 first, then the slot freed longest ago (a freed slot's lazy unmaps then
@@ -173,10 +177,12 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         return pages * self.page_size // self.layout.bytes_per_token
 
     def wait_ready(self) -> None:
-        """Block until the map work the next step needs is done (lookahead work may run on)."""
+        """Block until the map work the next step needs is done (lookahead work may run on),
+        then queue the partial-page copies that waited for it."""
         required, self._required = self._required, []
         for t in required:
             t.wait()
+        self.flush_copies()
         self.maybe_trim()
 
     def free(self, slot: int) -> None:

@@ -71,6 +71,8 @@ class Parking(KVCacheBase):
 
     def _drop(self, s: Slot) -> None:
         """Unmap everything of the slot (after the GPU is done with it), unlock its path."""
+        if self.copies:
+            self.drop_copies(s.index)
         if s.mapped:
             mapped = [j for j in range(s.mapped) if self.vt.is_mapped(self.slot_page(s.index, j))]
             self._unmap_runs(s.index, mapped, self.backend.record_event())

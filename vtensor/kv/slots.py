@@ -28,6 +28,17 @@ class SlotState(IntEnum):
     SWAPPED = 3  # private pages in host memory, shared pages still mapped
 
 
+@dataclass(slots=True)
+class PartialCopy:
+    """The first `nbytes` of scratch ring entry `entry` go to byte `dst` of the KV (a new page of
+    `slot`), once the maps of both are done."""
+
+    slot: int
+    entry: int
+    dst: int
+    nbytes: int
+
+
 @dataclass(slots=True, eq=False)
 class Slot:
     index: int
@@ -60,7 +71,10 @@ class KVCacheBase:
     pool: PagePool
     mapper: Mapper | None
     vt: VirtualTensor  # the KV reservation
-    scratch: VirtualTensor  # one page of address space to read cached-only tree pages
+    scratch: VirtualTensor  # a ring of pages: partial-page copy sources (see prefix.py)
+    scratch_bytes: torch.Tensor  # uint8 view of the whole ring
+    scratch_next: int  # next ring entry
+    copies: list[PartialCopy]  # queued for wait_ready(): their maps must be done first
     tree: RadixTree
     slots: list[Slot]
     free_slots: deque[int]  # FIFO: the slot freed longest ago is reused first
