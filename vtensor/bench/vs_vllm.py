@@ -33,6 +33,7 @@ The merge (no GPU needed) writes summary.json, summary.md and vs_vllm.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -148,11 +149,12 @@ def vtensor_worker(job: dict, out_path: str) -> dict:
     sysobj = EngineSystem(spec, "virtual", max_model_len=job["max_model_len"],
                           **job.get("engine_args", {}))  # fmt: skip
     eng = sysobj.engine
-    cfg = {k: getattr(eng, k, None) for k in ("max_model_len", "max_num_seqs")}
+    # the engine's resolved defaults (EngineConfig), as recorded for vLLM
+    cfg = {f.name: str(getattr(eng.config, f.name)) if f.name == "device" else
+           getattr(eng.config, f.name) for f in dataclasses.fields(eng.config)}  # fmt: skip
+    cfg["async_scheduling"] = eng.async_scheduling
     res.update(startup_s=round(sysobj.load_s, 1), load_s=sysobj.load_s, hardware=hardware(),
                config=cfg)  # fmt: skip
-    res["config"]["max_num_batched_tokens"] = getattr(getattr(eng, "args", None),
-                                                      "max_num_batched_tokens", None)
     wls = [W.workload_from_json(wj) for wj in job["workloads"]]
     sysobj.generate([W.warmup_prompt(wls)], [4])  # warm-up, as the vLLM worker does
     _write_json(out_path, res)
