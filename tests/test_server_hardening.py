@@ -22,8 +22,8 @@ from test_server import MODEL, ServerThread, sse_events  # noqa: E402
 from vtensor.engine.errors import ErrorKind, RequestError, RequestFailedError  # noqa: E402
 from vtensor.server.api import build_app  # noqa: E402
 from vtensor.server.cli import fit_kv_budget  # noqa: E402
+from vtensor.server.engine_info import kv_token_capacity  # noqa: E402
 from vtensor.server.lifecycle import DrainingServer, Lifecycle  # noqa: E402
-from vtensor.server.serving_engine import kv_token_capacity  # noqa: E402
 
 MAX_MODEL_LEN = 512
 KV_MEMORY = "8MiB"  # 4 host pages of 2 MiB: ~180 tokens of SmolLM2 fp32 KV, < MAX_MODEL_LEN

@@ -1,4 +1,4 @@
-"""Issue 15: the soak test in CI, bounded (~2-3 min on a 2-core CPU): `vtensor.server.soak`
+"""Issue 15: the soak test in CI, bounded (~2-3 min on a 2-core CPU): `vtensor.bench.soak`
 against the embedded model with a KV budget small enough to force preemption. The H200 form
 is the same tool with `--minutes 10 --device cuda` (see its docstring)."""
 
@@ -17,7 +17,7 @@ def test_soak_bounded(default_gguf_path, tmp_path):
     out = tmp_path / "soak.json"
     minutes = os.environ.get("VTENSOR_SOAK_MINUTES", "1.5")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "vtensor.server.soak", "--minutes", minutes, "--device", "cpu",
+    cmd = [sys.executable, "-m", "vtensor.bench.soak", "--minutes", minutes, "--device", "cpu",
            "--require-preemption", "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=560, env=env)
     assert out.exists(), r.stdout[-3000:] + r.stderr[-3000:]

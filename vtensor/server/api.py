@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vtensor.server.engine_info import engine_dead
+from vtensor.server.errors import OpenAIError, engine_dead_error, internal_error
 from vtensor.server.lifecycle import Lifecycle
 from vtensor.server.metrics import ServerMetrics
 from vtensor.server.protocol import (
@@ -30,12 +32,6 @@ from vtensor.server.protocol import (
 )
 from vtensor.server.serving_chat import OpenAIServingChat
 from vtensor.server.serving_completions import OpenAIServingCompletion
-from vtensor.server.serving_engine import (
-    OpenAIError,
-    engine_dead,
-    engine_dead_error,
-    internal_error,
-)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Request bodies above this get 413 (`--max-body-size`): 16 MiB holds ~2M tokens as JSON ids.

@@ -146,7 +146,7 @@ def fit_kv_budget(engine: Any) -> str | None:
     """A KV budget smaller than one max-length request: the server accepts only what fits
     (build_app lowers max_model_len to the capacity). Returns the warning to show, or raises
     ValueError when not even a short request fits."""
-    from vtensor.server.serving_engine import engine_max_model_len, kv_token_capacity
+    from vtensor.server.engine_info import engine_max_model_len, kv_token_capacity
 
     cap, mml = kv_token_capacity(engine), engine_max_model_len(engine)
     if cap is None or cap >= mml:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from vtensor.server.errors import OpenAIError
 from vtensor.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -26,7 +27,6 @@ from vtensor.server.protocol import (
     random_id,
 )
 from vtensor.server.serving_engine import (
-    OpenAIError,
     OpenAIServing,
     SubRequest,
     chain_first,

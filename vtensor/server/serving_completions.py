@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from vtensor.server.errors import OpenAIError
 from vtensor.server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -16,7 +17,6 @@ from vtensor.server.protocol import (
     random_id,
 )
 from vtensor.server.serving_engine import (
-    OpenAIError,
     OpenAIServing,
     SubRequest,
     chain_first,

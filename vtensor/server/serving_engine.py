@@ -11,19 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from vtensor.engine.async_engine import EngineDeadError
-from vtensor.engine.errors import ErrorKind, RequestError, RequestFailedError
+from vtensor.engine.errors import RequestError, RequestFailedError
+from vtensor.server.engine_info import (
+    engine_dead,
+    engine_max_model_len,
+    engine_tokenizer,
+    engine_vocab_size,
+    kv_token_capacity,
+)
+from vtensor.server.errors import (
+    OpenAIError,
+    engine_dead_error,
+    failure_error,
+    internal_error,
+    shutting_down_error,
+)
 from vtensor.server.lifecycle import SHUTDOWN, Lifecycle
 from vtensor.server.metrics import ServerMetrics
 from vtensor.server.protocol import (
-    ErrorInfo,
-    ErrorResponse,
     PromptTokensDetails,
     SamplingFields,
     UsageInfo,
@@ -31,134 +43,6 @@ from vtensor.server.protocol import (
 )
 
 log = logging.getLogger("vtensor.serve")
-
-
-class OpenAIError(Exception):
-    """A client-visible error: becomes `{"error": {...}}` with `status` (never a 500)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def to_response(self) -> ErrorResponse:
-        return ErrorResponse(
-            error=ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
-        )
-
-
-# The one mapping from an engine failure (ErrorKind) to HTTP: status, OpenAI type, code.
-FAILURE_HTTP: dict[ErrorKind, tuple[int, str, str]] = {
-    ErrorKind.TOO_LARGE: (400, "invalid_request_error", "request_too_large"),
-    ErrorKind.INVALID: (400, "invalid_request_error", "invalid_request"),
-    ErrorKind.INTERNAL: (500, "server_error", "internal_error"),
-}
-
-
-def failure_error(error: RequestError) -> OpenAIError:
-    """The client's view of a request the engine failed (its message is client-safe)."""
-    status, type_, code = FAILURE_HTTP.get(error.kind, FAILURE_HTTP[ErrorKind.INTERNAL])
-    return OpenAIError(error.message, status=status, type=type_, code=code)
-
-
-def internal_error() -> OpenAIError:
-    """A bug in the server: the details go to the log, never to the client."""
-    return OpenAIError(
-        "Internal server error (details are in the server log).",
-        status=500,
-        type="server_error",
-        code="internal_error",
-    )
-
-
-def engine_dead_error() -> OpenAIError:
-    return OpenAIError(
-        "The inference engine has failed and the server must be restarted.",
-        status=503,
-        type="server_error",
-        code="engine_dead",
-    )
-
-
-def shutting_down_error() -> OpenAIError:
-    return OpenAIError(
-        "The server is shutting down. Retry on another instance or later.",
-        status=503,
-        type="server_error",
-        code="server_shutting_down",
-        headers={"Retry-After": "5"},
-    )
-
-
-def _find(obj: Any, paths: Sequence[str]) -> Any:
-    """First attribute path (dotted) that resolves on obj, else None."""
-    for path in paths:
-        cur = obj
-        for name in path.split("."):
-            cur = getattr(cur, name, None)
-            if cur is None:
-                break
-        if cur is not None:
-            return cur
-    return None
-
-
-def engine_dead(engine: Any) -> BaseException | None:
-    """The error that killed the engine's step thread, if it died (for the log only)."""
-    dead = getattr(engine, "dead", None)
-    return dead if isinstance(dead, BaseException) else getattr(engine, "_dead", None)
-
-
-def engine_tokenizer(engine: Any) -> Any:
-    tok = _find(engine, ("tokenizer", "engine.tokenizer"))
-    if tok is None:
-        raise RuntimeError("the engine exposes no tokenizer (AsyncLLM.tokenizer)")
-    return tok
-
-
-def engine_max_model_len(engine: Any) -> int:
-    n = _find(
-        engine,
-        (
-            "max_model_len",
-            "engine.max_model_len",
-            "args.max_model_len",
-            "engine.args.max_model_len",
-            "model_config.max_model_len",
-            "engine.model_config.max_model_len",
-        ),
-    )
-    if n is None:
-        raise RuntimeError("the engine exposes no max_model_len")
-    return int(n)
-
-
-def kv_token_capacity(engine: Any) -> int | None:
-    """Most tokens one request can hold in the KV cache with the engine to itself (None:
-    unbounded or unknown). A request longer than this can never run."""
-    kv = _find(engine, ("kv_cache", "engine.kv_cache"))
-    if kv is None:
-        return None
-    snap = kv.snapshot()
-    if snap.get("num_blocks") and snap.get("block_size"):  # paged: whole blocks of tokens
-        return int(snap["num_blocks"]) * int(snap["block_size"])
-    pages, ps, bpt = snap.get("budget_pages"), snap.get("page_size"), snap.get("bytes_per_token")
-    if not pages or not ps or not bpt:
-        return None
-    return int(pages) * int(ps) // int(bpt)
 
 
 @dataclass(slots=True)
@@ -196,8 +80,8 @@ class OpenAIServing:
         capacity = kv_token_capacity(engine)
         self.kv_limited = capacity is not None and capacity < self.engine_max_model_len
         self.max_model_len = capacity if self.kv_limited else self.engine_max_model_len
-        vocab = _find(engine, ("model_config.vocab_size", "engine.model_config.vocab_size"))
-        self.vocab_size = int(vocab) if vocab is not None else len(self.tokenizer)
+        vocab = engine_vocab_size(engine)
+        self.vocab_size = vocab if vocab is not None else len(self.tokenizer)
 
     # ------------------------------------------------------------------ checks
 

@@ -1,7 +1,7 @@
 """Soak test: a real `vtensor serve` app under hostile, random, bursty load, then invariants.
 
-    python -m vtensor.server.soak --minutes 2            # CI-sized (CPU, embedded model)
-    python -m vtensor.server.soak --minutes 10 --device cuda --concurrency 64   # H200
+    python -m vtensor.bench.soak --minutes 2            # CI-sized (CPU, embedded model)
+    python -m vtensor.bench.soak --minutes 10 --device cuda --concurrency 64   # H200
 
 The server is uvicorn on 127.0.0.1 (a DrainingServer, as `vtensor serve` runs it) in a thread
 of this process, so the checks can look inside the engine. Load, from `--concurrency` clients:
@@ -349,8 +349,8 @@ def run_soak(args: argparse.Namespace) -> dict:
 
     from vtensor.engine import AsyncLLM, EngineArgs
     from vtensor.server.api import build_app
+    from vtensor.server.engine_info import kv_token_capacity
     from vtensor.server.lifecycle import DrainingServer, Lifecycle
-    from vtensor.server.serving_engine import kv_token_capacity
 
     t_start = time.monotonic()
     engine = AsyncLLM(EngineArgs(
@@ -417,7 +417,7 @@ def run_soak(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vtensor.server.soak", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m vtensor.bench.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # fmt: skip
     p.add_argument("--minutes", type=float, default=2.0, help="length of the load phase (2)")
