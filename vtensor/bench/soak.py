@@ -1,6 +1,7 @@
 """Soak test: a real `vtensor serve` app under hostile, random, bursty load, then invariants.
 
-    python -m vtensor.bench.soak --minutes 2            # CI-sized (CPU, embedded model)
+    python -m vtensor.bench.soak --minutes 2.5 --layers 2 --page-size 65536 \
+        --kv-memory 1536KiB --require-preemption     # what CI runs (CPU; ~2900 requests)
     python -m vtensor.bench.soak --minutes 10 --device cuda --concurrency 64   # H200
 
 The server is uvicorn on 127.0.0.1 (a DrainingServer, as `vtensor serve` runs it) in a thread
@@ -343,6 +344,18 @@ async def _drain_check(url: str, server: Any, drain_s: float) -> dict:
             and last_err.get("code") == "server_shutting_down" and took < drain_s + 5}  # fmt: skip
 
 
+def _model_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The served model: `--model`, or with `--layers N` the embedded model's shapes cut to N
+    layers with dummy weights and its real tokenizer (much faster on a CPU: more requests in
+    the same minutes; greedy runs are still deterministic, so greedy == solo still holds)."""
+    if args.layers is None:
+        return {"model": args.model}
+    from vtensor.model import default_model_path
+
+    return {"model": "smollm2-135m", "load_format": "dummy", "tokenizer": default_model_path(),
+            "config_overrides": {"num_layers": args.layers}}  # fmt: skip
+
+
 def run_soak(args: argparse.Namespace) -> dict:
     import httpx
     import uvicorn
@@ -354,8 +367,9 @@ def run_soak(args: argparse.Namespace) -> dict:
 
     t_start = time.monotonic()
     engine = AsyncLLM(EngineArgs(
-        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, kv_memory=args.kv_memory,
+        device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, kv_memory=args.kv_memory, page_size=args.page_size,
+        **_model_args(args),
     ))  # fmt: skip
     life = Lifecycle()
     app = build_app(engine, MODEL, max_waiting=args.max_waiting, lifecycle=life)
@@ -422,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
                                 allow_abbrev=False)  # fmt: skip
     p.add_argument("--minutes", type=float, default=2.0, help="length of the load phase (2)")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--layers", type=int, default=None,
+                   help="serve the embedded model's shapes with N layers and dummy weights")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="KV page bytes (host default): small pages make a small model preempt")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-model-len", type=int, default=256, help="tokens (256)")
