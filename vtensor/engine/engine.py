@@ -15,7 +15,6 @@ import torch
 
 from vtensor.engine.args import EngineArgs, is_path, parse_memory
 from vtensor.engine.config import EngineConfig
-from vtensor.engine.detokenizer import Detokenizer
 from vtensor.engine.errors import ErrorKind, RequestError
 from vtensor.engine.inflight import PLACEHOLDER, InFlight, TokenFill
 from vtensor.engine.outputs import RequestOutput, make_output
@@ -23,7 +22,7 @@ from vtensor.engine.runner import ModelRunner
 from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.scheduler import ScheduledBatch, Scheduler
-from vtensor.engine.sequence import Sequence, Status
+from vtensor.engine.sequence import Sequence, Status, new_sequence
 from vtensor.kv import KVManager
 
 log = logging.getLogger(__name__)
@@ -119,35 +118,9 @@ class LLMEngine:
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
     ) -> Sequence:
         """Tokenize and validate a request (no engine state touched: safe from any thread)."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if params.n != 1:
-            raise ValueError(f"n={params.n}: the engine runs one choice per request; submit n "
-                             "requests with different seeds (the server does)")  # fmt: skip
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass the prompt as token ids")
-            ids, text = list(self.tokenizer.encode(prompt)), prompt
-        else:
-            ids, text = [int(t) for t in prompt], None
-        n, vocab = len(ids), self.model_config.vocab_size
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {n} tokens is too long: max_model_len is {self.max_model_len} "
-                "(prompt + at least one output token must fit)"
-            )
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        detok = Detokenizer(
-            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
-            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
-        )  # fmt: skip
-        return Sequence(request_id, text, ids, params, detok, arrival=0)
+        return new_sequence(request_id, prompt, params, tokenizer=self.tokenizer,
+                            max_model_len=self.max_model_len,
+                            vocab_size=self.model_config.vocab_size)  # fmt: skip
 
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None

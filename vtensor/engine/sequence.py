@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -78,3 +79,43 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+def new_sequence(
+    request_id: str,
+    prompt: str | list[int],
+    params: SamplingParams | None,
+    *,
+    tokenizer: Any,
+    max_model_len: int,
+    vocab_size: int,
+) -> Sequence:
+    """A validated request: tokenized (str prompt) or checked (token ids) against the model."""
+    params = params if params is not None else SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+    if params.n != 1:
+        raise ValueError(f"n={params.n}: the engine runs one choice per request; submit n "
+                         "requests with different seeds (the server does)")  # fmt: skip
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass the prompt as token ids")
+        ids, text = list(tokenizer.encode(prompt)), prompt
+    else:
+        ids, text = [int(t) for t in prompt], None
+    n = len(ids)
+    if n == 0:
+        raise ValueError("prompt is empty")
+    if n >= max_model_len:
+        raise ValueError(
+            f"prompt of {n} tokens is too long: max_model_len is {max_model_len} "
+            "(prompt + at least one output token must fit)"
+        )
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+    detok = Detokenizer(
+        tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+        stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+    )  # fmt: skip
+    return Sequence(request_id, text, ids, params, detok, arrival=0)
