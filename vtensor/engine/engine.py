@@ -35,6 +35,7 @@ def _is_fatal(e: BaseException) -> bool:
     """A device error leaves the CUDA context unusable: no request can be served after it."""
     return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)
 
+
 __all__ = ["EngineArgs", "LLMEngine", "parse_memory"]
 
 
@@ -102,7 +103,6 @@ class LLMEngine:
         # blocked on the GPU for sampled ids, the rest is CPU work the GPU may overlap
         self.timing = dict.fromkeys(("schedule_s", "launch_s", "process_s", "wait_s"), 0.0)
         self._inflight: InFlight | None = None  # launched, its sampled ids not yet processed
-        self._step_id = 0
         # Overlap the CPU's work with the GPU's (inflight.py). Swap preemption copies pages on
         # the host while the GPU may still write them, so it keeps the plain loop.
         self.async_scheduling = args.async_scheduling and args.preemption_mode != "swap"
@@ -211,7 +211,6 @@ class LLMEngine:
         host behind an event). Each sampled request gets a PLACEHOLDER token."""
         self.counters["steps"] += 1
         self.counters["prefill_steps" if batch.is_prefill else "decode_steps"] += 1
-        self._step_id += 1
         try:
             self.kv_cache.wait_ready()
             logits, rows = self.runner.execute(batch, self._token_fill(batch))
@@ -256,14 +255,11 @@ class LLMEngine:
             seq.num_pending += 1
             seq.sample_row = j
             index.append(seq.num_tokens - 1)
-            p = seq.params
-            if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or (
-                seq.num_tokens >= self.max_model_len
-            ):
+            if self._length_reached(seq, seq.num_tokens):
                 # stops on length whatever the token: never schedule it again (its slot is
                 # released once the token is known: the prefix cache wants real ids)
                 self.scheduler.hold(seq)
-        return InFlight.launch(self._step_id, seqs, index, out)
+        return InFlight.launch(seqs, index, out)
 
     def _token_fill(self, batch: ScheduledBatch) -> TokenFill | None:
         """Decode inputs that are the in-flight step's samples: gathered on the device."""
@@ -352,6 +348,12 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         outputs.append(make_output(seq))
 
+    def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:
+        """With `num_tokens` tokens (prompt + output) the request is at its length limit."""
+        max_tokens = seq.params.max_tokens
+        n_out = num_tokens - len(seq.prompt_token_ids)
+        return (max_tokens is not None and n_out >= max_tokens) or num_tokens >= self.max_model_len
+
     def _append(self, seq: Sequence, idx: int, tok: int, now: float) -> None:
         """Token `tok` landed at token_ids[idx]: stop checks (as if nothing came after it)."""
         self.counters["generation_tokens"] += 1
@@ -367,9 +369,7 @@ class LLMEngine:
             reason = "stop"
         elif n_out > p.min_tokens and tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
-        elif (p.max_tokens is not None and n_out >= p.max_tokens) or (
-            idx + 1 >= self.max_model_len
-        ):
+        elif self._length_reached(seq, idx + 1):
             reason = "length"
         if reason is None:
             return

@@ -21,6 +21,7 @@ import torch
 
 from vtensor.engine.sampler import SamplerOutput
 from vtensor.engine.sequence import Sequence
+from vtensor.engine.transfer import to_device
 
 PLACEHOLDER = -1  # a sampled token whose id is still on its way to the host
 
@@ -39,23 +40,15 @@ class TokenFill:
         if not self.dst:
             return
         dev = input_ids.device
-        dst = _to_device(self.dst, dev)
-        rows = _to_device(self.src_rows, dev)
+        dst = to_device(self.dst, torch.long, dev)
+        rows = to_device(self.src_rows, torch.long, dev)
         input_ids[dst] = self.src.index_select(0, rows).to(input_ids.dtype)
-
-
-def _to_device(values: list[int], dev: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
-    if dev.type != "cuda":
-        return t
-    return t.pin_memory().to(dev, non_blocking=True)
 
 
 @dataclass(slots=True)
 class InFlight:
     """One launched step: its sampled ids travel to pinned host memory behind an event."""
 
-    step: int
     seqs: list[Sequence]  # the sampled requests, row order
     index: list[int]  # where each one's PLACEHOLDER sits in its token_ids
     out: SamplerOutput  # device tensors (kept alive: the next step gathers from token_ids)
@@ -63,9 +56,7 @@ class InFlight:
     event: torch.cuda.Event | None
 
     @classmethod
-    def launch(
-        cls, step: int, seqs: list[Sequence], index: list[int], out: SamplerOutput
-    ) -> InFlight:
+    def launch(cls, seqs: list[Sequence], index: list[int], out: SamplerOutput) -> InFlight:
         tensors = [out.token_ids]
         if out.logprobs is not None:
             tensors.append(out.logprobs)
@@ -79,7 +70,7 @@ class InFlight:
                 h.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        return cls(step, seqs, index, out, host, event)
+        return cls(seqs, index, out, host, event)
 
     def wait(self) -> list[list]:
         """Block until the ids are on the host; returns them (and logprobs) as lists."""

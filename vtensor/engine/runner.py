@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vtensor.engine.scheduler import ScheduledBatch
+from vtensor.engine.transfer import to_device
 from vtensor.kv import KVManager
 from vtensor.model import AttentionContext, AttentionMetadata, CausalLM, set_context
 from vtensor.ops import AttentionBackend
@@ -77,10 +78,7 @@ class ModelRunner:
     def _to_dev(
         self, x: list[int] | torch.Tensor, dtype: torch.dtype = torch.int32
     ) -> torch.Tensor:
-        t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
-        if not self.is_cuda:
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(x, dtype, self.device)
 
     def _run(self, meta: AttentionMetadata, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         with set_context(AttentionContext(self.backend, meta)):

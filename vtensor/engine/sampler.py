@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vtensor.engine.sequence import Sequence
+from vtensor.engine.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -23,13 +24,6 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [b] logprob of the sampled token
     top_ids: torch.Tensor | None = None  # [b, k] top-k token ids (k = max asked in the batch)
     top_logprobs: torch.Tensor | None = None  # [b, k]
-
-
-def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """A small host list on the device without a sync (pinned, non-blocking): a pageable
-    copy would wait for the GPU and undo the overlapped loop."""
-    t = torch.tensor(values, dtype=dtype)
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
@@ -49,17 +43,17 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
             if x:
                 ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         c = torch.zeros(len(lists), vocab + 1, dtype=logits.dtype, device=dev)
-        ids = ids.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else ids
+        ids = to_device(ids, torch.long, dev)
         c.scatter_add_(1, ids, torch.ones(ids.shape, dtype=logits.dtype, device=dev))
         return c[:, :vocab]
 
-    idx = _to_device(rows, torch.long, dev)
+    idx = to_device(rows, torch.long, dev)
     sub = logits.index_select(0, idx)
     out_counts = counts(outs)
 
     def col(name: str) -> torch.Tensor:
         vals = [getattr(seqs[i].params, name) for i in rows]
-        return _to_device(vals, logits.dtype, dev)[:, None]
+        return to_device(vals, logits.dtype, dev)[:, None]
 
     rep = col("repetition_penalty")
     seen = counts(alls) > 0
@@ -151,16 +145,16 @@ class Sampler:
     ) -> torch.Tensor:
         params = [s.params for s in seqs]
         argmax = logits.argmax(-1) if any(greedy) else None
-        temps = _to_device([p.temperature or 1.0 for p in params], logits.dtype, dev)
+        temps = to_device([p.temperature or 1.0 for p in params], logits.dtype, dev)
         x = logits / temps[:, None]
         if any(p.top_k_enabled or p.top_p < 1.0 for p in params):
             k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
-            p_ = _to_device([p.top_p for p in params], x.dtype, dev)
+            p_ = to_device([p.top_p for p in params], x.dtype, dev)
             k_max = max((v for v in k if v < vocab), default=0)
-            x = top_k_top_p(x, _to_device(k, torch.long, dev), p_, k_max=k_max)
+            x = top_k_top_p(x, to_device(k, torch.long, dev), p_, k_max=k_max)
         probs = x.softmax(-1)
         if any(p.min_p > 0 for p in params):
-            mp = _to_device([p.min_p for p in params], probs.dtype, dev)
+            mp = to_device([p.min_p for p in params], probs.dtype, dev)
             keep = probs >= mp[:, None] * probs.amax(-1, keepdim=True)
             probs = probs * keep
         q = torch.empty_like(probs)
@@ -174,6 +168,6 @@ class Sampler:
             q[i].exponential_(generator=s.generator)
         ids = (probs / q).argmax(-1)
         if argmax is not None:
-            mask = _to_device(greedy, torch.bool, dev)
+            mask = to_device(greedy, torch.bool, dev)
             ids = torch.where(mask, argmax, ids)
         return ids
