@@ -19,9 +19,10 @@ turn, writing `<out>/<step>.json` after each one):
 Workloads (workloads.py generators, fixed seeds): sharegpt 1000 requests; multi_turn 128
 conversations x 4 turns, history resent (turn t+1 = turn t's prompt + the system's own reply +
 the next message); shared_prefix 256 requests behind 4 system prompts of 1-4K; long_context
-64 x (4-6K in, 1-2K out). Both systems get the workloads as JSON from this process: the same
-ids by construction. Each part fits the device's 10-minute limit (`--budget`, default 540 s,
-caps every step); a step cut short keeps the workloads it finished.
+64 x (4-6K in, 1-2K out); small_batch 8 x (2K in, 1K out). Both systems get the workloads as
+JSON from this process: the same ids by construction. Each part fits the device's 10-minute
+limit (`--budget`, default 540 s, caps every step); a step cut short keeps the workloads it
+finished.
 
     python -m vtensor.bench.vs_vllm --out R --part 1/3        # on the H200, one call per part
     python -m vtensor.bench.vs_vllm --out bench/results/DATE/vs_vllm --merge R1 R2 R3
@@ -55,6 +56,7 @@ SIZES: dict[str, dict[str, dict]] = {
         "multi_turn": dict(num_conversations=128, num_turns=4),
         "shared_prefix": dict(num_requests=256, num_prefixes=4),
         "long_context": dict(num_requests=64, prompt_len=(4096, 6144), output_len=(1024, 2048)),
+        "small_batch": dict(num_requests=8),
     },
     "quick": {
         "sharegpt": dict(num_requests=6, len_scale=1 / 16),
@@ -62,9 +64,11 @@ SIZES: dict[str, dict[str, dict]] = {
         "shared_prefix": dict(num_requests=4, num_prefixes=2, len_scale=1 / 64),
         "long_context": dict(num_requests=2, prompt_len=(4096, 6144), output_len=(1024, 2048),
                              len_scale=1 / 128),  # fmt: skip
+        "small_batch": dict(num_requests=2, len_scale=1 / 128),
     },
 }
-LLAMA_WORKLOADS = ("sharegpt", "multi_turn", "long_context", "shared_prefix")  # most telling first
+# most telling first; small_batch (8 x 2K in, 1K out) times a step at the batch of a wave's tail
+LLAMA_WORKLOADS = ("sharegpt", "multi_turn", "long_context", "shared_prefix", "small_batch")
 
 
 @dataclass(slots=True)

@@ -272,11 +272,36 @@ def sharegpt(
     )
 
 
+def small_batch(
+    num_requests: int = 8,
+    *,
+    prompt_len: int = 2048,
+    output_len: int = 1024,
+    seed: int = 0,
+    len_scale: float = 1.0,
+    token_range: tuple[int, int] = DEFAULT_TOKEN_RANGE,
+) -> Workload:
+    """A few requests decoding in lock step: per-step latency at a small batch, the regime of
+    the tail of every multi-turn wave (bounded by reading the weights each step)."""
+    _check(num_requests=num_requests, len_scale=len_scale)
+    rng = _rng("small_batch", seed)
+    p, o = _scaled(prompt_len, len_scale), _scaled(output_len, len_scale)
+    reqs = [Request(f"sb{i}", _tokens(rng, p, token_range), o) for i in range(num_requests)]
+    return Workload(
+        "small_batch",
+        f"{num_requests} prompts of {p} tokens generating {o} tokens each",
+        requests=reqs,
+        params=dict(num_requests=num_requests, prompt_len=prompt_len, output_len=output_len,
+                    seed=seed, len_scale=len_scale),  # fmt: skip
+    )
+
+
 GENERATORS: dict[str, Callable[..., Workload]] = {
     "multi_turn": multi_turn,
     "shared_prefix": shared_prefix,
     "long_context": long_context,
     "sharegpt": sharegpt,
+    "small_batch": small_batch,
 }
 
 # Sizes: "full" fits the H200 budget of `vtensor bench all`; "quick" is a toy CPU run;
@@ -287,18 +312,21 @@ SIZES: dict[str, dict[str, dict]] = {
         "shared_prefix": dict(num_requests=256, num_prefixes=4),
         "long_context": dict(num_requests=16),
         "sharegpt": dict(num_requests=512),
+        "small_batch": dict(num_requests=8),
     },
     "quick": {
         "multi_turn": dict(num_conversations=4, num_turns=3, len_scale=1 / 16, max_context=256),
         "shared_prefix": dict(num_requests=8, num_prefixes=2, len_scale=1 / 32),
         "long_context": dict(num_requests=2, len_scale=1 / 128),
         "sharegpt": dict(num_requests=8, len_scale=1 / 16),
+        "small_batch": dict(num_requests=2, len_scale=1 / 64),
     },
     "smoke": {  # CI: a handful of tokens each, every code path
         "multi_turn": dict(num_conversations=2, num_turns=2, len_scale=1 / 16, max_context=48),
         "shared_prefix": dict(num_requests=4, num_prefixes=2, len_scale=1 / 128),
         "long_context": dict(num_requests=1, len_scale=1 / 256),
         "sharegpt": dict(num_requests=3, len_scale=1 / 16),
+        "small_batch": dict(num_requests=1, len_scale=1 / 256),
     },
 }
 

@@ -1,0 +1,320 @@
+"""`vtensor bench steps`: the anatomy of an engine's step time, for the workloads that decode
+at small batches (multi-turn waves, long context).
+
+Two measurements, one engine (dummy weights):
+
+- **decode sweep**: for each batch size B, B requests of `--context` prompt tokens decode in
+  lock step; after the prefill, a window of decode steps is timed (wall per step, and over a
+  shorter torch.profiler window the GPU kernel time per step and the GPU-busy share). Each
+  point is set against its memory floor: the bytes a decode step must read (the weights except
+  the embedding table, plus B x context tokens of KV) at the HBM bandwidth measured in the same
+  process (a device-to-device copy).
+- **trace**: a workload (default multi_turn, run in waves the way bench e2e runs it), with
+  every step's wall time, kind (with prefill or decode only), running count and tokens
+  recorded; the report splits the run's time into prefill steps and decode steps by batch size,
+  so the time spent in the tail of each wave shows.
+
+    python -m vtensor.bench.steps --model llama-3-8b --out steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def hbm_bandwidth(device: torch.device, nbytes: int = 2**31) -> float | None:
+    """Bytes/s of a device-to-device copy (read + write counted), best of 5."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del a, b
+    return 2 * nbytes / best
+
+
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Parameter bytes a decode step reads: all but input embedding tables (rows gathered)."""
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embed)
+
+
+def _sync(eng: Any) -> None:
+    if eng.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _drain(eng: Any) -> None:
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    while eng.has_unfinished_requests():
+        eng.step(finished_only=True)
+
+
+def decode_point(
+    eng: Any,
+    batch: int,
+    context: int,
+    steps: int,
+    gpu_steps: int,
+    bytes_per_token: int,
+    weight_bytes: int,
+    bw: float | None,
+) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    from vtensor.bench.profile import kernel_stats
+    from vtensor.engine import SamplingParams
+
+    rng = random.Random(f"steps:{batch}:{context}")
+    vocab = eng.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + gpu_steps + 16, ignore_eos=True)
+    for i in range(batch):
+        ids = [rng.randrange(vocab // 4, vocab) for _ in range(context)]
+        eng.add_request(f"d{batch}-{i}", ids, params)
+    decode_run = 0
+    while decode_run < 3:  # past the prefill: three decode-only steps in a row
+        before = eng.counters["prefill_steps"]
+        eng.step(finished_only=True)
+        decode_run = decode_run + 1 if eng.counters["prefill_steps"] == before else 0
+    _sync(eng)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step(finished_only=True)
+    _sync(eng)
+    wall = (time.perf_counter() - t0) / steps
+    res: dict[str, Any] = {
+        "batch": batch,
+        "context": context,
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall,
+    }
+    kv_bytes = batch * context * bytes_per_token
+    if bw:
+        floor = (weight_bytes + kv_bytes) / bw
+        res |= {"floor_ms_per_step": 1e3 * floor, "floor_fraction": floor / wall}
+    if eng.device.type == "cuda" and gpu_steps:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t1 = time.perf_counter()
+            for _ in range(gpu_steps):
+                eng.step(finished_only=True)
+            torch.cuda.synchronize()
+            w = time.perf_counter() - t1
+        ks = kernel_stats(list(prof.events()), w * 1e6)
+        res |= {
+            "gpu_ms_per_step": ks["kernel_time_us"] / 1e3 / gpu_steps,
+            "gpu_busy_fraction": ks["gpu_busy_fraction"],
+            "kernels_per_step": ks["num_kernels"] / gpu_steps,
+            "top_kernels_us": ks["top_kernels_us"][:6],
+        }
+    _drain(eng)
+    return res
+
+
+def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
+    """Run `wl` (waves for multi-turn, as bench e2e) and record every step."""
+    from vtensor.engine import SamplingParams
+
+    rows: list[dict[str, Any]] = []
+    waves: list[list[tuple[list[int], int, int]]] = []  # (prompt, max_tokens, conversation)
+    if wl.multi_turn:
+        for t in range(max(len(c.user_turns) for c in wl.conversations)):
+            waves.append(
+                [
+                    (c.user_turns[t], c.reply_lens[t], i)
+                    for i, c in enumerate(wl.conversations)
+                    if t < len(c.user_turns)
+                ]
+            )
+    else:
+        waves.append([(r.prompt_token_ids, r.max_tokens, -1) for r in wl.requests])
+    history: dict[int, list[int]] = {}
+    t_start = time.perf_counter()
+    for w, wave in enumerate(waves):
+        ids = {}
+        for j, (msg, max_tokens, conv) in enumerate(wave):
+            prompt = history.get(conv, []) + list(msg)
+            rid = f"w{w}-{j}"
+            ids[rid] = (conv, prompt)
+            p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            eng.add_request(rid, prompt, p)
+        last = time.perf_counter()
+        while eng.has_unfinished_requests():
+            c0 = dict(eng.counters)
+            running = len(eng.scheduler.running) + len(eng.scheduler.waiting)
+            outs = eng.step(finished_only=True)
+            now = time.perf_counter()
+            d = {
+                k: eng.counters[k] - c0[k]
+                for k in (
+                    "prefill_steps",
+                    "decode_steps",
+                    "prompt_tokens_computed",
+                    "generation_tokens",
+                )
+            }
+            rows.append(
+                {
+                    "wave": w,
+                    "t": now - t_start,
+                    "ms": 1e3 * (now - last),
+                    "running": running,
+                    "prefill": d["prefill_steps"] > 0,
+                    "prompt_tokens": d["prompt_tokens_computed"],
+                    "generated": d["generation_tokens"],
+                }
+            )
+            last = now
+            for o in outs:
+                conv, prompt = ids[o.request_id]
+                if conv >= 0:
+                    history[conv] = prompt + list(o.outputs[0].token_ids)
+    return rows
+
+
+def summarize_trace(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    total = sum(r["ms"] for r in rows)
+    pre = [r for r in rows if r["prefill"]]
+    dec = [r for r in rows if not r["prefill"]]
+    by: dict[int, list[float]] = {}
+    for r in dec:
+        b = next(x for x in BUCKETS if r["running"] <= x)
+        by.setdefault(b, []).append(r["ms"])
+    waves: dict[int, float] = {}
+    for r in rows:
+        waves[r["wave"]] = waves.get(r["wave"], 0.0) + r["ms"]
+    return {
+        "total_s": total / 1e3,
+        "steps": len(rows),
+        "prefill_steps": {
+            "n": len(pre),
+            "s": sum(r["ms"] for r in pre) / 1e3,
+            "prompt_tokens": sum(r["prompt_tokens"] for r in pre),
+        },
+        "decode_steps_by_running": {
+            f"<={b}": {"n": len(v), "s": sum(v) / 1e3, "ms_per_step": sum(v) / len(v)}
+            for b, v in sorted(by.items())
+        },
+        "wave_s": [waves[w] / 1e3 for w in sorted(waves)],
+    }
+
+
+def format_report(res: dict[str, Any]) -> str:
+    lines = [
+        f"{res['model']} on {res['device']}; HBM copy "
+        f"{(res['hbm_bytes_per_s'] or 0) / 1e12:.2f} TB/s; weights read per step "
+        f"{res['weight_bytes_read'] / 2**30:.2f} GiB"
+    ]
+    for p in res["decode"]:
+        s = f"  decode b={p['batch']:4d} ctx={p['context']}: {p['wall_ms_per_step']:.2f} ms/step"
+        if "floor_ms_per_step" in p:
+            s += f" (floor {p['floor_ms_per_step']:.2f}, {100 * p['floor_fraction']:.0f}%)"
+        if "gpu_ms_per_step" in p:
+            s += (
+                f", GPU {p['gpu_ms_per_step']:.2f} ms, busy "
+                f"{100 * (p['gpu_busy_fraction'] or 0):.0f}%"
+            )
+        lines.append(s)
+    for name, t in res.get("traces", {}).items():
+        s = t["summary"]
+        lines.append(
+            f"  trace {name}: {s['total_s']:.2f} s in {s['steps']} steps; waves "
+            + ", ".join(f"{x:.2f}" for x in s["wave_s"])
+        )
+        p = s["prefill_steps"]
+        lines.append(
+            f"    steps with prefill: {p['n']} taking {p['s']:.2f} s "
+            f"({p['prompt_tokens']} prompt tokens)"
+        )
+        for b, v in s["decode_steps_by_running"].items():
+            lines.append(
+                f"    decode, running {b:>6}: {v['n']:5d} steps, {v['s']:.2f} s, "
+                f"{v['ms_per_step']:.2f} ms/step"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vtensor bench steps", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b", help="dummy-weight preset")
+    p.add_argument("--batches", default="1,4,16,64,128,256", help="decode sweep batch sizes")
+    p.add_argument("--context", type=int, default=2048, help="prompt tokens per request")
+    p.add_argument("--steps", type=int, default=48, help="timed decode steps per point")
+    p.add_argument("--gpu-steps", type=int, default=8, help="profiled decode steps per point")
+    p.add_argument(
+        "--trace",
+        default="multi_turn",
+        help="workloads to trace (vs_vllm sizes), comma-separated; '' for none",
+    )
+    p.add_argument("--size", default="full", choices=("full", "quick"), help="workload sizes")
+    p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    a = p.parse_args(argv)
+
+    from vtensor.bench.vs_vllm import build_workloads, spec_for
+    from vtensor.engine import LLMEngine
+
+    traces = [t for t in a.trace.split(",") if t]
+    wls = build_workloads(a.model, traces, a.size) if traces else []
+    batches = [int(x) for x in a.batches.split(",") if x]
+    max_len = max([a.context + a.steps + a.gpu_steps + 32] + [w.max_context() + 8 for w in wls])
+    spec = spec_for(a.model)  # "tiny": a CPU smoke model folder
+    kw: dict[str, Any] = dict(
+        model=spec.model, load_format=spec.load_format, dtype=spec.dtype, max_model_len=max_len
+    )
+    for item in filter(None, a.engine_args.split(",")):
+        k, _, v = item.partition("=")
+        kw[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+    if a.layers:
+        kw["config_overrides"] = {"num_layers": a.layers}
+    eng = LLMEngine(**kw)
+    cfg = eng.model_config
+    bpt = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * eng.model.dtype.itemsize
+    bw = hbm_bandwidth(eng.device)
+    res: dict[str, Any] = {
+        "model": a.model,
+        "device": torch.cuda.get_device_name() if eng.device.type == "cuda" else "cpu",
+        "engine_config": eng.config.describe(),
+        "hbm_bytes_per_s": bw,
+        "weight_bytes_read": weight_bytes_read(eng.model),
+        "kv_bytes_per_token": bpt,
+        "decode": [],
+        "traces": {},
+    }
+    for b in batches:
+        pt = decode_point(
+            eng, b, a.context, a.steps, a.gpu_steps, bpt, res["weight_bytes_read"], bw
+        )
+        res["decode"].append(pt)
+        print(f"[steps] decode b={b}: {pt['wall_ms_per_step']:.2f} ms/step", flush=True)
+    for name, wl in zip(traces, wls, strict=True):
+        eng.reset_prefix_cache()
+        rows = trace_workload(eng, wl)
+        res["traces"][name] = {"summary": summarize_trace(rows), "rows": rows}
+        print(f"[steps] trace {name}: {len(rows)} steps", flush=True)
+    eng.close()
+    print(format_report(res), flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
