@@ -29,6 +29,8 @@ from typing import Any
 import torch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+KV_COUNTERS = ("pages_created", "evicted_pages", "evicted_slots", "mapper_wait_s",
+               "mapper_busy_s", "unmap_event_wait_s")  # fmt: skip
 
 
 def hbm_bandwidth(device: torch.device, nbytes: int = 2**31) -> float | None:
@@ -93,16 +95,25 @@ def decode_point(
         eng.step(finished_only=True)
         decode_run = decode_run + 1 if eng.counters["prefill_steps"] == before else 0
     _sync(eng)
+    kv0, tm0 = eng.kv_cache.snapshot(), dict(eng.timing)
     t0 = time.perf_counter()
     for _ in range(steps):
         eng.step(finished_only=True)
     _sync(eng)
     wall = (time.perf_counter() - t0) / steps
+    kv1 = eng.kv_cache.snapshot()
     res: dict[str, Any] = {
         "batch": batch,
         "context": context,
         "steps": steps,
         "wall_ms_per_step": 1e3 * wall,
+        "host_ms_per_step": {k[:-2]: 1e3 * (v - tm0[k]) / steps for k, v in eng.timing.items()},
+        # page work inside the window (maps, evictions, waits): what the KV cache cost
+        "kv_delta": {
+            k: kv1[k] - kv0[k]
+            for k in KV_COUNTERS
+            if isinstance(kv1.get(k), int | float) and isinstance(kv0.get(k), int | float)
+        },
     }
     kv_bytes = batch * context * bytes_per_token
     if bw:
@@ -155,7 +166,7 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
             eng.add_request(rid, prompt, p)
         last = time.perf_counter()
         while eng.has_unfinished_requests():
-            c0 = dict(eng.counters)
+            c0, tm0 = dict(eng.counters), dict(eng.timing)
             running = len(eng.scheduler.running) + len(eng.scheduler.waiting)
             outs = eng.step(finished_only=True)
             now = time.perf_counter()
@@ -177,6 +188,9 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
                     "prefill": d["prefill_steps"] > 0,
                     "prompt_tokens": d["prompt_tokens_computed"],
                     "generated": d["generation_tokens"],
+                    # host time of the step, and how much of it was blocked on the GPU: a
+                    # step whose wait is ~0 was bound by the host, not the GPU
+                    **{k[:-2] + "_ms": 1e3 * (eng.timing[k] - tm0[k]) for k in eng.timing},
                 }
             )
             last = now
@@ -192,9 +206,12 @@ def summarize_trace(rows: list[dict[str, Any]]) -> dict[str, Any]:
     pre = [r for r in rows if r["prefill"]]
     dec = [r for r in rows if not r["prefill"]]
     by: dict[int, list[float]] = {}
+    waits: dict[int, list[float]] = {}
     for r in dec:
         b = next(x for x in BUCKETS if r["running"] <= x)
         by.setdefault(b, []).append(r["ms"])
+        if "wait_ms" in r:  # (runs before 2026-11-30b did not record it)
+            waits.setdefault(b, []).append(r["wait_ms"])
     waves: dict[int, float] = {}
     for r in rows:
         waves[r["wave"]] = waves.get(r["wave"], 0.0) + r["ms"]
@@ -207,7 +224,13 @@ def summarize_trace(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "prompt_tokens": sum(r["prompt_tokens"] for r in pre),
         },
         "decode_steps_by_running": {
-            f"<={b}": {"n": len(v), "s": sum(v) / 1e3, "ms_per_step": sum(v) / len(v)}
+            f"<={b}": {
+                "n": len(v),
+                "s": sum(v) / 1e3,
+                "ms_per_step": sum(v) / len(v),
+                # blocked on the GPU
+                "wait_ms_per_step": sum(waits[b]) / len(v) if b in waits else None,
+            }
             for b, v in sorted(by.items())
         },
         "wave_s": [waves[w] / 1e3 for w in sorted(waves)],
@@ -245,8 +268,54 @@ def format_report(res: dict[str, Any]) -> str:
             lines.append(
                 f"    decode, running {b:>6}: {v['n']:5d} steps, {v['s']:.2f} s, "
                 f"{v['ms_per_step']:.2f} ms/step"
+                + (f" ({w:.2f} waiting on the GPU)" if (w := v.get("wait_ms_per_step")) else "")
             )
     return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: Path) -> Path:
+    """Left: decode ms/step per batch against its memory floor. Right: each traced step's
+    wall time over the run (prefill steps marked), one panel row per trace."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traces = list(res.get("traces", {}).items())
+    fig, axes = plt.subplots(1, 1 + len(traces), figsize=(5 + 6 * len(traces), 4.2), squeeze=False)
+    ax = axes[0][0]
+    pts = res["decode"]
+    xs = [p["batch"] for p in pts]
+    ax.plot(xs, [p["wall_ms_per_step"] for p in pts], "o-", label="wall")
+    if any("gpu_ms_per_step" in p for p in pts):
+        ax.plot(xs, [p.get("gpu_ms_per_step") for p in pts], "s--", label="GPU kernels")
+    if any("floor_ms_per_step" in p for p in pts):
+        ax.plot(xs, [p.get("floor_ms_per_step") for p in pts], "k:", label="memory floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"batch (context {pts[0]['context'] if pts else '?'})")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title(f"{res['model']}: decode step time")
+    ax.legend(fontsize=8)
+    for i, (name, t) in enumerate(traces, start=1):
+        a = axes[0][i]
+        rows = t["rows"]
+        dec = [r for r in rows if not r["prefill"]]
+        pre = [r for r in rows if r["prefill"]]
+        a.scatter([r["t"] for r in dec], [r["ms"] for r in dec], s=2, label="decode step")
+        a.scatter([r["t"] for r in pre], [r["ms"] for r in pre], s=12, c="tab:red",
+                  label="step with prefill")  # fmt: skip
+        b = a.twinx()
+        b.plot([r["t"] for r in rows], [r["running"] for r in rows], "g-", lw=0.6, alpha=0.6)
+        b.set_ylabel("running requests", color="g")
+        a.set_yscale("log")
+        a.set_xlabel("time (s)")
+        a.set_ylabel("ms per step")
+        a.set_title(f"{name}: {t['summary']['total_s']:.1f} s, {t['summary']['steps']} steps")
+        a.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,11 +330,22 @@ def main(argv: list[str] | None = None) -> int:
         default="multi_turn",
         help="workloads to trace (vs_vllm sizes), comma-separated; '' for none",
     )
+    p.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep the prefix cache between points (new pages evict old ones)",
+    )
     p.add_argument("--size", default="full", choices=("full", "quick"), help="workload sizes")
     p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--out", default=None, help="also write the JSON (and a .png) here")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="re-plot a saved run")
     a = p.parse_args(argv)
+    if a.plot_only:
+        res = json.loads(Path(a.plot_only).read_text())
+        print(format_report(res))
+        print(plot(res, Path(a.plot_only).with_suffix(".png")))
+        return 0
 
     from vtensor.bench.vs_vllm import build_workloads, spec_for
     from vtensor.engine import LLMEngine
@@ -298,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         "traces": {},
     }
     for b in batches:
+        if not a.keep_cache:  # each point from a clean cache (else: evicting the last's pages)
+            eng.reset_prefix_cache()
         pt = decode_point(
             eng, b, a.context, a.steps, a.gpu_steps, bpt, res["weight_bytes_read"], bw
         )
@@ -313,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+        plot(res, Path(a.out).with_suffix(".png"))
     return 0
 
 
