@@ -166,6 +166,23 @@ def test_layout_views_are_token_major_and_page_aligned():
         KVSpec(0, 1, 1, torch.float16)
 
 
+def test_token_capacity_is_the_budgets_whole_tokens_up_to_max_tokens():
+    # 384 B/token over 64 KiB pages: 2 pages = 131072 B hold 341 whole tokens (341.33).
+    cache = make_cache(_host_backend, pages=2, num_slots=2, max_tokens=1000)
+    assert cache.token_capacity() == 131072 // 384 == 341
+    # A request of exactly that many tokens fits with the cache to itself, one more never does.
+    slot = cache.acquire("r", list(range(300))).slot
+    assert cache.ensure(slot, 341) and not cache.ensure(slot, 342)
+    close_and_check(cache)
+    # Budget above one slot (48 pages = 8192 tokens): the slot's max_tokens is the limit.
+    cache = make_cache(_host_backend, pages=48, max_tokens=1000)
+    assert cache.token_capacity() == 1000
+    close_and_check(cache)
+    cache = make_cache(_host_backend, pages=None, max_tokens=1000)  # no budget on the host
+    assert cache.token_capacity() == 1000
+    close_and_check(cache)
+
+
 # ---- radix tree ----
 def test_radix_lru_evicts_leaves_first():
     class P:  # stand-in page

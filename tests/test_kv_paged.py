@@ -150,6 +150,19 @@ def test_paged_swap_roundtrip(device):
     cache.close()
 
 
+def test_paged_token_capacity_is_whole_blocks_up_to_max_tokens():
+    cache = make(num_blocks=5, max_tokens=256)  # 5 blocks x 16 tokens
+    assert cache.token_capacity() == 5 * 16 == 80
+    slot = cache.acquire("r", list(range(70))).slot
+    assert cache.ensure(slot, 80) and not cache.ensure(slot, 81)
+    cache.close()
+    assert make(num_blocks=24, max_tokens=256).token_capacity() == 256  # 384 > max_tokens
+    # 256 B/token x 16 = 4 KiB blocks: a 14 KiB budget gives 3 whole blocks, 48 tokens.
+    cache = PagedKVCache(SPEC, max_tokens=256, num_slots=2, budget_bytes=14 * 1024, device="cpu")
+    assert cache.bytes_per_block == 4096 and cache.token_capacity() == 3 * 16
+    cache.close()
+
+
 def test_paged_config_errors():
     with pytest.raises(KVConfigError):
         PagedKVCache(SPEC, max_tokens=16, num_slots=1, budget_bytes=None, device="cpu")

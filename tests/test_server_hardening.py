@@ -9,6 +9,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,10 +20,10 @@ pytest.importorskip("fastapi")
 
 from test_server import MODEL, ServerThread, sse_events  # noqa: E402
 
+from vtensor.engine import AsyncLLM, EngineClient, RequestOutput  # noqa: E402
 from vtensor.engine.errors import ErrorKind, RequestError, RequestFailedError  # noqa: E402
 from vtensor.server.api import build_app  # noqa: E402
 from vtensor.server.cli import fit_kv_budget  # noqa: E402
-from vtensor.server.engine_info import kv_token_capacity  # noqa: E402
 from vtensor.server.lifecycle import DrainingServer, Lifecycle  # noqa: E402
 
 MAX_MODEL_LEN = 512
@@ -31,13 +32,28 @@ INTERNAL_SEED, TOO_LARGE_SEED, BUG_SEED = 6660, 6661, 6662
 
 
 class Proxy:
-    """Delegates to the real AsyncLLM; subclasses override generate()."""
+    """An EngineClient that delegates each member to the real AsyncLLM; subclasses override
+    generate() or dead."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: AsyncLLM) -> None:
         self._real = real
+        self.tokenizer = real.tokenizer
+        self.max_model_len = real.max_model_len
+        self.vocab_size = real.vocab_size
+        self.kv_token_capacity = real.kv_token_capacity
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+    @property
+    def dead(self) -> BaseException | None:
+        return self._real.dead
+
+    def generate(self, prompt, params, request_id) -> AsyncIterator[RequestOutput]:
+        return self._real.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._real.abort(request_id)
+
+    def stats(self) -> dict:
+        return self._real.stats()
 
 
 class FaultyEngine(Proxy):
@@ -66,7 +82,7 @@ class FaultyEngine(Proxy):
 class GateEngine(Proxy):
     """Holds every request before the engine until `release` is set: requests stay waiting."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: AsyncLLM) -> None:
         super().__init__(real)
         self.release = threading.Event()
 
@@ -78,12 +94,14 @@ class GateEngine(Proxy):
 
 
 class DeadEngine(Proxy):
-    _dead = RuntimeError("CUDA error: an illegal memory access at 0x7f00 (req-internal-42)")
+    @property
+    def dead(self) -> BaseException | None:
+        return RuntimeError("CUDA error: an illegal memory access at 0x7f00 (req-internal-42)")
 
 
 @pytest.fixture(scope="module")
 def srv(default_gguf_path):
-    from vtensor.engine import AsyncLLM, EngineArgs
+    from vtensor.engine import EngineArgs
 
     engine = AsyncLLM(
         EngineArgs(model=None, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
@@ -216,10 +234,22 @@ def test_item2_max_waiting_counts_engine_requests(srv):
 # ----------------------------------------------------------------------------- item 3
 
 
+def test_engine_missing_a_protocol_member_is_refused_at_build(srv):
+    stand_in = Proxy(srv.engine)
+    assert isinstance(srv.engine, EngineClient) and isinstance(stand_in, EngineClient)
+    build_app(stand_in, MODEL)
+    del stand_in.kv_token_capacity  # e.g. a stand-in written before the member existed
+    assert not isinstance(stand_in, EngineClient)
+    with pytest.raises(TypeError, match=r"^Proxy is not an EngineClient: it lacks kv_token_capa"):
+        build_app(stand_in, MODEL)
+    with pytest.raises(TypeError, match="it lacks abort, dead, generate, kv_token_capacity, max"):
+        build_app(object(), MODEL)
+
+
 def test_item3_kv_budget_below_max_model_len(srv):
     url, engine = srv.urls["main"], srv.engine
-    cap = kv_token_capacity(engine)
-    assert cap is not None and 16 <= cap < MAX_MODEL_LEN
+    cap = engine.kv_token_capacity
+    assert 16 <= cap < MAX_MODEL_LEN
     warning = fit_kv_budget(engine)
     assert warning and str(cap) in warning and "--kv-memory" in warning
     card = httpx.get(f"{url}/v1/models").json()["data"][0]

@@ -362,7 +362,6 @@ def run_soak(args: argparse.Namespace) -> dict:
 
     from vtensor.engine import AsyncLLM, EngineArgs
     from vtensor.server.api import build_app
-    from vtensor.server.engine_info import kv_token_capacity
     from vtensor.server.lifecycle import DrainingServer, Lifecycle
 
     t_start = time.monotonic()
@@ -382,7 +381,7 @@ def run_soak(args: argparse.Namespace) -> dict:
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    report: dict[str, Any] = {"kv_token_capacity": kv_token_capacity(engine)}
+    report: dict[str, Any] = {"kv_token_capacity": engine.kv_token_capacity}
     try:
         # Greedy references, each run alone (sequentially) before the load.
         rng = random.Random(args.seed)
@@ -402,11 +401,10 @@ def run_soak(args: argparse.Namespace) -> dict:
         report["violations"] = tally.violations
         report["preemptions"] = stats.get("num_preemptions", 0)
         report["generation_tokens"] = stats.get("generation_tokens", 0)
-        report["engine_alive"] = getattr(engine, "_dead", None) is None and httpx.get(
+        report["engine_alive"] = engine.dead is None and httpx.get(
             f"{url}/health").status_code == 200  # fmt: skip
-        kv = getattr(engine.engine, "kv_cache", None)
         try:
-            kv.check_integrity()
+            engine.engine.kv_cache.check_integrity()
             report["kv_integrity"] = True
         except Exception as e:  # reported, not raised: the figures still come out
             report["kv_integrity"] = f"{type(e).__name__}: {e}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vtensor.engine.async_engine import AsyncLLM
+from vtensor.engine.client import EngineClient
 from vtensor.engine.engine import EngineArgs, LLMEngine, parse_memory
 from vtensor.engine.errors import (
     ErrorKind,
@@ -15,7 +16,7 @@ from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
 
 __all__ = [
-    "LLM", "AsyncLLM", "CompletionOutput", "EngineArgs", "ErrorKind", "LLMEngine",
+    "LLM", "AsyncLLM", "CompletionOutput", "EngineArgs", "EngineClient", "ErrorKind", "LLMEngine",
     "RequestError", "RequestFailedError", "RequestOutput", "RequestTooLargeError",
     "SamplingParams", "parse_memory",
 ]  # fmt: skip

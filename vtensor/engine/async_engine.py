@@ -31,15 +31,20 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
+    """The engine behind the server: implements EngineClient (engine/client.py)."""
+
     def __init__(
         self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None, **kwargs: Any
     ) -> None:
         if engine is None:
             engine = LLMEngine(args if args is not None else EngineArgs(**kwargs))
         self.engine = engine
-        self.tokenizer = self.engine.tokenizer
-        self.model_config = self.engine.model_config
-        self.max_model_len = self.engine.max_model_len
+        # EngineClient (engine/client.py): what the server reads, fixed once the engine is built
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.model_config.vocab_size
+        self.kv_token_capacity: int = engine.kv_cache.token_capacity()
         self._cv = threading.Condition()
         self._new: list[Sequence] = []
         self._aborts: list[str] = []

@@ -130,6 +130,13 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         m = self._share_prefix(s, token_ids) if self.enable_prefix_cache else 0
         return Allocation(s.index, m)
 
+    def token_capacity(self) -> int:
+        # a slot starts page-aligned, so the budget's pages hold its first tokens_in_pages()
+        budget = self.pool.budget_pages
+        if budget is None:
+            return self.max_tokens
+        return min(self.max_tokens, self.layout.tokens_in_pages(budget))
+
     def ensure(self, slot: int, num_tokens: int) -> bool:
         # fast path (most decode steps): the pages through num_tokens + lookahead are mapped and
         # no pending lookahead work is needed yet; the general case below gives the same result

@@ -53,6 +53,11 @@ class KVManager(Protocol):
         """Pages obtainable now: free + evictable."""
         ...
 
+    def token_capacity(self) -> int:
+        """Most tokens one request can ever hold, with the cache to itself: max_tokens, or
+        fewer when the page (block) budget cannot hold that many. A longer request never runs."""
+        ...
+
     # ---- prefix sharing, lifetime ----
     def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> None:
         """token_ids' KV is now valid in the slot: publish its full pages for prefix reuse."""

@@ -291,6 +291,9 @@ class PagedKVCache:
     def num_free_pages(self) -> int:
         return self._free.size
 
+    def token_capacity(self) -> int:
+        return min(self.max_tokens, self.num_blocks * self.block_size)  # whole blocks
+
     def store_targets(
         self, slots: Sequence[int], starts: Sequence[int], counts: Sequence[int]
     ) -> tuple[list[int], list[int]]:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vtensor.server.engine_info import engine_dead
+from vtensor.engine.client import EngineClient
 from vtensor.server.errors import OpenAIError, engine_dead_error, internal_error
 from vtensor.server.lifecycle import Lifecycle
 from vtensor.server.metrics import ServerMetrics
@@ -108,7 +108,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def build_app(
-    engine: Any,
+    engine: EngineClient,
     served_model_name: str,
     api_key: str | None = None,
     max_waiting: int | None = None,
@@ -117,7 +117,9 @@ def build_app(
 ) -> FastAPI:
     """The OpenAI-compatible app over a running AsyncLLM. The caller owns the engine (starts
     it before and shuts it down after), so several apps may share one engine in tests.
-    `lifecycle` is what a DrainingServer drains on shutdown (app.state.lifecycle)."""
+    `lifecycle` is what a DrainingServer drains on shutdown (app.state.lifecycle). An engine
+    without every EngineClient member is refused here (TypeError, from OpenAIServing), not at
+    the first request."""
     metrics = ServerMetrics()
     life = lifecycle if lifecycle is not None else Lifecycle()
     completion = OpenAIServingCompletion(engine, served_model_name, metrics, max_waiting, life)
@@ -168,7 +170,7 @@ def build_app(
     @app.get("/health")
     async def health() -> Response:
         """200 while the engine lives (a failed request does not count); 503 once it died."""
-        if engine_dead(engine) is not None:
+        if engine.dead is not None:
             return error_response(engine_dead_error())
         return Response(status_code=200)
 

@@ -9,7 +9,10 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vtensor.engine.client import EngineClient
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_BODY = 16 * 2**20  # = api.DEFAULT_MAX_BODY_BYTES (not imported: fastapi is slow)
@@ -142,14 +145,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def fit_kv_budget(engine: Any) -> str | None:
+def fit_kv_budget(engine: EngineClient) -> str | None:
     """A KV budget smaller than one max-length request: the server accepts only what fits
     (build_app lowers max_model_len to the capacity). Returns the warning to show, or raises
     ValueError when not even a short request fits."""
-    from vtensor.server.engine_info import engine_max_model_len, kv_token_capacity
-
-    cap, mml = kv_token_capacity(engine), engine_max_model_len(engine)
-    if cap is None or cap >= mml:
+    cap, mml = engine.kv_token_capacity, engine.max_model_len
+    if cap >= mml:
         return None
     if cap < 16:
         raise ValueError(f"the KV budget holds only {cap} tokens: raise --kv-memory")

@@ -49,30 +49,31 @@ def failure_error(error: RequestError) -> OpenAIError:
     return OpenAIError(error.message, status=status, type=type_, code=code)
 
 
+# Factories, not constants: a raised exception keeps its traceback, so each raise gets a new one.
+def _server_error(
+    message: str, status: int, code: str, retry_after: int | None = None
+) -> OpenAIError:
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return OpenAIError(message, status=status, type="server_error", code=code, headers=headers)
+
+
 def internal_error() -> OpenAIError:
     """A bug in the server: the details go to the log, never to the client."""
-    return OpenAIError(
-        "Internal server error (details are in the server log).",
-        status=500,
-        type="server_error",
-        code="internal_error",
+    return _server_error(
+        "Internal server error (details are in the server log).", 500, "internal_error"
     )
 
 
 def engine_dead_error() -> OpenAIError:
-    return OpenAIError(
-        "The inference engine has failed and the server must be restarted.",
-        status=503,
-        type="server_error",
-        code="engine_dead",
+    return _server_error(
+        "The inference engine has failed and the server must be restarted.", 503, "engine_dead"
     )
 
 
 def shutting_down_error() -> OpenAIError:
-    return OpenAIError(
+    return _server_error(
         "The server is shutting down. Retry on another instance or later.",
-        status=503,
-        type="server_error",
-        code="server_shutting_down",
-        headers={"Retry-After": "5"},
+        503,
+        "server_shutting_down",
+        retry_after=5,
     )

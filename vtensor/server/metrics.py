@@ -94,12 +94,12 @@ class ServerMetrics:
             if value is not None:
                 metric(name, "gauge", help_, [f"{PREFIX}{name} {_fmt(value)}"])
 
-        s = engine_stats or {}
+        s = engine_stats or {}  # EngineClient.stats(): counts, and the KV snapshot
         kv = s.get("kv") or {}
         gauge("num_requests_running", "Requests in the engine's running batch.",
-              _get(s, "running", "num_running"))  # fmt: skip
+              _get(s, "running"))  # fmt: skip
         gauge("num_requests_waiting", "Requests queued in the engine.",
-              _get(s, "waiting", "num_waiting"))  # fmt: skip
+              _get(s, "waiting"))  # fmt: skip
         gauge("num_requests_waiting_first_token", "Server requests without a first token yet.",
               self.num_waiting)  # fmt: skip
         gauge("generation_tokens_per_second",
@@ -119,20 +119,20 @@ class ServerMetrics:
         metric("time_per_output_token_seconds", "histogram", "Time per output token after "
                "the first.", self.tpot.lines(f"{PREFIX}time_per_output_token_seconds"))  # fmt: skip
         gauge("kv_pages_in_use", "Physical KV pages mapped to live requests.",
-              _get(kv, "pages_in_use", "in_use", "used_pages"))  # fmt: skip
+              _get(kv, "pages_in_use"))  # fmt: skip
         gauge("kv_pages_cached", "Physical KV pages held only by the prefix cache / parked slots.",
-              _get(kv, "pages_cached", "cached", "cached_pages"))  # fmt: skip
+              _get(kv, "pages_cached"))  # fmt: skip
         gauge("kv_pages_free", "Physical KV pages free in the pool (or still unallocated budget).",
-              _get(kv, "pages_free", "free", "free_pages"))  # fmt: skip
-        frag = _get(kv, "fragmentation")
+              _get(kv, "pages_free"))  # fmt: skip
         mapped, live = _get(kv, "bytes_mapped"), _get(kv, "bytes_live_tokens")
-        if frag is None and mapped is not None and live is not None:
+        frag = None
+        if mapped is not None and live is not None:
             frag = 1.0 - live / mapped if mapped else 0.0
         gauge("kv_fragmentation", "1 - bytes of live tokens / bytes mapped.", frag)
         gauge("prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt "
-              "tokens.", _get(kv, "prefix_hit_rate", "hit_rate"))  # fmt: skip
+              "tokens.", _get(kv, "prefix_hit_rate"))  # fmt: skip
         # The rest of the KV snapshot as-is (slots parked, shared pages, map ops, ...).
-        named = {"pages_in_use", "pages_cached", "pages_free", "fragmentation", "prefix_hit_rate"}
+        named = {"pages_in_use", "pages_cached", "pages_free", "prefix_hit_rate"}
         for key in sorted(kv):
             if key not in named and _get(kv, key) is not None and key.isidentifier():
                 gauge(f"kv_{key}", f"KV cache snapshot field `{key}`.", kv[key])
@@ -141,12 +141,10 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
-def _get(d: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        v = d.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return v
-    return None
+def _get(d: dict[str, Any], key: str) -> int | float | None:
+    """d[key] when it is a number (what a gauge can show), else None."""
+    v = d.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _fmt(v: float) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from vtensor.server.errors import OpenAIError
+from vtensor.server.fanout import SubRequest, make_usage
 from vtensor.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -28,12 +28,10 @@ from vtensor.server.protocol import (
 )
 from vtensor.server.serving_engine import (
     OpenAIServing,
-    SubRequest,
-    chain_first,
     finish_reason,
-    make_usage,
     sse,
     stop_reason,
+    text_deltas,
 )
 
 # Used only when the tokenizer carries no chat template (e.g. a base model): ChatML.
@@ -75,7 +73,7 @@ class OpenAIServingChat(OpenAIServing):
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             for m in req.messages
         ]
-        template = None if getattr(self.tokenizer, "chat_template", None) else CHATML
+        template = None if self.tokenizer.chat_template else CHATML
         try:
             text = self.tokenizer.apply_chat_template(
                 msgs, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -105,7 +103,7 @@ class OpenAIServingChat(OpenAIServing):
         return ChatLogProbs(content=content)
 
     async def _full(
-        self, req: ChatCompletionRequest, subs: list[SubRequest], it: Any
+        self, req: ChatCompletionRequest, subs: list[SubRequest], it: AsyncIterator[SubRequest]
     ) -> ChatCompletionResponse:
         async with aclosing(it):
             async for _ in it:
@@ -133,27 +131,23 @@ class OpenAIServingChat(OpenAIServing):
         )
 
     async def _stream(
-        self, req: ChatCompletionRequest, subs: list[SubRequest], it: Any, first: Any
+        self,
+        req: ChatCompletionRequest,
+        subs: list[SubRequest],
+        it: AsyncIterator[SubRequest],
+        first: SubRequest | None,
     ) -> AsyncIterator[str]:
         rid = random_id("chatcmpl")
-        sent_text = [0] * len(subs)
-        sent_tok = [0] * len(subs)
+        sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
         async with aclosing(it):
             for s in subs:  # OpenAI opens every choice with an empty assistant delta
                 yield sse(self._chunk(rid, s.index, DeltaMessage(role="assistant", content="")))
-            async for s in chain_first(first, it):
-                out, i = s.last, s.index
-                text = out.outputs[0].text
-                delta = text[sent_text[i] :]
-                fr = finish_reason(out)
-                if not delta and fr is None:
-                    continue
-                lps = None
+            async for s, delta, fr in text_deltas(first, it, len(subs)):
+                i, lps = s.index, None
                 if req.logprobs:
                     lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.top_logprobs or 0)
                     sent_tok[i] = s.num_tokens
-                sent_text[i] = len(text)
-                sr = stop_reason(out) if fr else None
+                sr = stop_reason(s.last) if fr else None
                 yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr))
         if req.stream_options and req.stream_options.include_usage:
             usage = make_usage(subs, req.n)

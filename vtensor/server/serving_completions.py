@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from vtensor.server.errors import OpenAIError
+from vtensor.server.fanout import SubRequest, make_usage
 from vtensor.server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
@@ -18,12 +18,10 @@ from vtensor.server.protocol import (
 )
 from vtensor.server.serving_engine import (
     OpenAIServing,
-    SubRequest,
-    chain_first,
     finish_reason,
-    make_usage,
     sse,
     stop_reason,
+    text_deltas,
 )
 
 # A batch of prompts is a convenience, not a way around --max-waiting: keep it bounded.
@@ -100,7 +98,11 @@ class OpenAIServingCompletion(OpenAIServing):
         return res
 
     async def _full(
-        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str], it: Any
+        self,
+        req: CompletionRequest,
+        subs: list[SubRequest],
+        echo: list[str],
+        it: AsyncIterator[SubRequest],
     ) -> CompletionResponse:
         async with aclosing(it):
             async for _ in it:
@@ -129,30 +131,28 @@ class OpenAIServingCompletion(OpenAIServing):
         )
 
     async def _stream(
-        self, req: CompletionRequest, subs: list[SubRequest], echo: list[str], it: Any, first: Any
+        self,
+        req: CompletionRequest,
+        subs: list[SubRequest],
+        echo: list[str],
+        it: AsyncIterator[SubRequest],
+        first: SubRequest | None,
     ) -> AsyncIterator[str]:
         rid = random_id("cmpl")
-        sent_text = [0] * len(subs)  # characters already streamed, per choice
         sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
         offset = [len(echo[s.index // req.n]) for s in subs]
         async with aclosing(it):
             for s in subs:  # echo goes first, in its own chunk per choice
                 if echo[s.index // req.n]:
                     yield sse(self._chunk(rid, s.index, echo[s.index // req.n]))
-            async for s in chain_first(first, it):
-                out, i = s.last, s.index
-                text = out.outputs[0].text
-                delta = text[sent_text[i] :]
-                fr = finish_reason(out)
-                if not delta and fr is None:
-                    continue  # a token whose text is held back (partial stop / UTF-8)
-                lps = None
+            async for s, delta, fr in text_deltas(first, it, len(subs)):
+                i, lps = s.index, None
                 if req.logprobs is not None:
                     lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.logprobs, offset[i])
                     offset[i] += sum(len(t) for t in lps.tokens)
                     sent_tok[i] = s.num_tokens
-                sent_text[i] = len(text)
-                yield sse(self._chunk(rid, i, delta, lps, fr, stop_reason(out) if fr else None))
+                sr = stop_reason(s.last) if fr else None
+                yield sse(self._chunk(rid, i, delta, lps, fr, sr))
         if req.stream_options and req.stream_options.include_usage:
             usage = make_usage(subs, req.n)
             yield sse(

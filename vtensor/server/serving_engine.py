@@ -1,87 +1,56 @@
 """What both OpenAI endpoints share: the engine handle, tokenization and length checks, the
-translation of request fields into SamplingParams, and the fan-out of `n` choices.
-
-`n > 1` runs as n engine requests with derived seeds (seed + i) rather than one request with n
-samples: each choice is then an ordinary request that the scheduler batches, the prefix cache
-shares the prompt's pages between them, and aborting one client aborts exactly its requests.
+translation of request fields into SamplingParams, and the stream helpers. The sub-requests
+themselves (prompts x `n` choices) run in fanout.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
+import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
+from pydantic import BaseModel
 
-from vtensor.engine.async_engine import EngineDeadError
-from vtensor.engine.errors import RequestError, RequestFailedError
-from vtensor.server.engine_info import (
-    engine_dead,
-    engine_max_model_len,
-    engine_tokenizer,
-    engine_vocab_size,
-    kv_token_capacity,
-)
+from vtensor.engine.client import EngineClient, check_engine_client
+from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.sampling_params import SamplingParams
 from vtensor.server.errors import (
     OpenAIError,
     engine_dead_error,
-    failure_error,
     internal_error,
     shutting_down_error,
 )
-from vtensor.server.lifecycle import SHUTDOWN, Lifecycle
+from vtensor.server.fanout import SubRequest, run_subrequests
+from vtensor.server.lifecycle import Lifecycle
 from vtensor.server.metrics import ServerMetrics
-from vtensor.server.protocol import (
-    PromptTokensDetails,
-    SamplingFields,
-    UsageInfo,
-    random_id,
-)
+from vtensor.server.protocol import SamplingFields, random_id
 
 log = logging.getLogger("vtensor.serve")
-
-
-@dataclass(slots=True)
-class SubRequest:
-    """One engine request: choice `index` of the HTTP request."""
-
-    index: int
-    request_id: str
-    prompt_ids: list[int]
-    params: Any  # SamplingParams
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None  # first output token arrived (TTFT)
-    num_tokens: int = 0  # output tokens seen so far (for TPOT and tokens/s)
-    last: Any = None  # latest RequestOutput
 
 
 class OpenAIServing:
     def __init__(
         self,
-        engine: Any,
+        engine: EngineClient,
         served_model_name: str,
         metrics: ServerMetrics,
         max_waiting: int | None = None,
         lifecycle: Lifecycle | None = None,
     ) -> None:
-        self.engine = engine
+        self.engine = check_engine_client(engine)
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.lifecycle = lifecycle if lifecycle is not None else Lifecycle()
-        self.tokenizer = engine_tokenizer(engine)
+        if engine.tokenizer is None:
+            raise RuntimeError("the server needs a tokenizer: the model came without one")
+        self.tokenizer = engine.tokenizer
         # A KV budget smaller than one max-length request lowers what we accept: a request
         # that can never fit gets a 400 up front instead of failing after its first tokens.
-        self.engine_max_model_len = engine_max_model_len(engine)
-        capacity = kv_token_capacity(engine)
-        self.kv_limited = capacity is not None and capacity < self.engine_max_model_len
-        self.max_model_len = capacity if self.kv_limited else self.engine_max_model_len
-        vocab = engine_vocab_size(engine)
-        self.vocab_size = vocab if vocab is not None else len(self.tokenizer)
+        self.kv_limited = engine.kv_token_capacity < engine.max_model_len
+        self.max_model_len = min(engine.kv_token_capacity, engine.max_model_len)
+        self.vocab_size = engine.vocab_size
 
     # ------------------------------------------------------------------ checks
 
@@ -100,7 +69,7 @@ class OpenAIServing:
         called before tokenizing, and again by `admit` where they are counted."""
         if self.lifecycle.draining:
             raise shutting_down_error()
-        if dead := engine_dead(self.engine):
+        if dead := self.engine.dead:
             log.error("request refused, the engine is dead: %r", dead)
             raise engine_dead_error()
         cap = self.max_waiting
@@ -161,9 +130,7 @@ class OpenAIServing:
 
     def sampling_params(
         self, req: SamplingFields, *, max_tokens: int, logprobs: int | None, seed: int | None
-    ) -> Any:
-        from vtensor.engine import SamplingParams
-
+    ) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stop):
             raise OpenAIError("`stop` strings must be non-empty.", param="stop")
@@ -211,87 +178,14 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ generation
 
-    async def generate(self, subs: list[SubRequest]) -> AsyncIterator[SubRequest]:
-        """Run the sub-requests concurrently; yield a sub-request each time it has new output
-        (its `.last` is the engine's RequestOutput). Admission (`--max-waiting`) happens on the
-        first `__anext__`, before anything reaches the engine. On cancellation (client gone),
-        error or the drain deadline, every unfinished sub-request is aborted in the engine,
-        which frees its KV at once. Errors leave as OpenAIError with a client-safe message."""
-        self.admit(len(subs))
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        waiting = set(range(len(subs)))
-        self.lifecycle.register(queue)
-
-        async def pump(sub: SubRequest) -> None:
-            try:
-                async for out in self.engine.generate(sub.prompt_ids, sub.params, sub.request_id):
-                    queue.put_nowait((sub, out, None))
-            except asyncio.CancelledError:
-                raise
-            except EngineDeadError as e:  # not the client's fault, and not going to recover
-                log.error("request %s: engine dead: %s", sub.request_id, e)
-                queue.put_nowait((sub, None, engine_dead_error()))
-            except RequestFailedError as e:  # the engine failed this request alone
-                log.warning("request %s failed (%s): %s", sub.request_id, e.error.kind.value, e)
-                queue.put_nowait((sub, None, failure_error(e.error)))
-            except (ValueError, TypeError) as e:  # the engine rejected the request's input
-                queue.put_nowait((sub, None, OpenAIError(f"Invalid request: {e}")))
-            except BaseException as e:  # a bug: logged, reported without its details
-                log.exception("request %s: unexpected error", sub.request_id)
-                queue.put_nowait((sub, None, internal_error()))
-                if not isinstance(e, Exception):
-                    raise
-            finally:
-                queue.put_nowait((None, sub.index, None))
-
-        # sub.index is its position in subs (choices are made in order).
-        tasks = [asyncio.create_task(pump(s)) for s in subs]
-        remaining = len(subs)
-        finished: set[int] = set()
-        try:
-            while remaining:
-                item = await queue.get()
-                if item is SHUTDOWN:
-                    raise shutting_down_error()
-                sub, out, err = item
-                if sub is None:  # the pump of choice `out` ended
-                    remaining -= 1
-                    finished.add(out)
-                    if out in waiting:
-                        waiting.discard(out)
-                        self.metrics.num_waiting -= 1
-                    continue
-                if err is not None:
-                    raise err
-                self._observe(sub, out)
-                error = getattr(out, "error", None)
-                if out.finished and error is not None:  # (AsyncLLM raises these itself)
-                    if isinstance(error, RequestError):
-                        raise failure_error(error)
-                    log.warning("request %s failed: %s", sub.request_id, error)
-                    raise internal_error()
-                if sub.index in waiting and sub.num_tokens > 0:
-                    waiting.discard(sub.index)
-                    self.metrics.num_waiting -= 1
-                yield sub
-        finally:
-            self.lifecycle.unregister(queue)
-            self.metrics.num_waiting -= len(waiting)
-            unfinished = [s for s in subs if s.index not in finished]
-            for t in tasks:
-                t.cancel()
-            if unfinished:
-                # Shielded: this runs inside a cancelled scope when the client went away.
-                with anyio.CancelScope(shield=True):
-                    for s in unfinished:
-                        await self.engine.abort(s.request_id)
-                    self.metrics.num_aborted += len(unfinished)
-
-    async def start(self, subs: list[SubRequest]) -> tuple[AsyncIterator[SubRequest], Any]:
+    async def start(
+        self, subs: list[SubRequest]
+    ) -> tuple[AsyncIterator[SubRequest], SubRequest | None]:
         """Admit the sub-requests and wait for the first output of any of them, so that every
         error up to then (overload, a request that can never fit, a dead engine) is an HTTP
         status rather than a 200 stream that fails. Returns (the generator, its first item)."""
-        it = self.generate(subs)
+        self.admit(len(subs))  # run_subrequests uncounts them from num_waiting
+        it = run_subrequests(self.engine, subs, self.metrics, self.lifecycle)
         try:
             first = await it.__anext__()
         except StopAsyncIteration:
@@ -311,94 +205,61 @@ class OpenAIServing:
             yield sse(internal_error().to_response())
         yield sse("[DONE]")
 
-    def _observe(self, sub: SubRequest, out: Any) -> None:
-        now = time.perf_counter()
-        sub.last = out
-        n = len(out.outputs[0].token_ids) if out.outputs else 0
-        new = n - sub.num_tokens
-        if new > 0:
-            if sub.t_first is None:
-                sub.t_first = now
-                self.metrics.ttft.observe(now - sub.t_submit)
-            self.metrics.add_generated(new, now)
-        sub.num_tokens = n
-        if out.finished:
-            self.metrics.prompt_tokens += len(sub.prompt_ids)
-            if n > 1 and sub.t_first is not None:
-                self.metrics.tpot.observe((now - sub.t_first) / (n - 1))
-            reason = out.outputs[0].finish_reason if out.outputs else None
-            self.metrics.count_finished(reason or "unknown")
-
     # ------------------------------------------------------------------ logprobs
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def token_logprobs(self, out: Any, start: int, end: int) -> list[tuple[int, float, list]]:
-        """(token id, logprob, [(top id, top logprob), ...]) for output tokens [start, end)."""
+    def token_logprobs(
+        self, out: RequestOutput, start: int, end: int
+    ) -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """(token id, logprob, [(top id, top logprob), ...] best first) for output tokens
+        [start, end). The engine gives each token {token_id: logprob}: the top `logprobs`
+        plus the sampled token."""
         comp = out.outputs[0]
         lps = comp.logprobs or []
         res = []
         for j in range(start, min(end, len(comp.token_ids))):
             tid = comp.token_ids[j]
-            entry = lps[j] if j < len(lps) else None
-            res.append((tid, *_split_logprob_entry(entry, tid)))
+            entry = lps[j] if j < len(lps) else {}
+            tops = sorted(entry.items(), key=lambda x: -x[1])
+            res.append((tid, entry.get(tid, math.nan), tops))
         return res
 
 
-def _lp_value(v: Any) -> float:
-    # A float, or a vLLM-style Logprob object with .logprob.
-    return float(getattr(v, "logprob", v))
+async def text_deltas(
+    first: SubRequest | None, it: AsyncIterator[SubRequest], num_choices: int
+) -> AsyncIterator[tuple[SubRequest, str, str | None]]:
+    """(choice, its text not sent yet, finish reason) for `first` (unless None), then for each
+    item of `it` that has text to send or finished: a token whose text is held back (a partial
+    stop string, an incomplete UTF-8 character) gives nothing. Closing `it` is the caller's."""
+    sent = [0] * num_choices  # characters already streamed, per choice
+    async for s in _chain(first, it):
+        text = s.last.outputs[0].text
+        delta, fr = text[sent[s.index] :], finish_reason(s.last)
+        if delta or fr is not None:
+            sent[s.index] = len(text)
+            yield s, delta, fr
 
 
-def _split_logprob_entry(entry: Any, tid: int) -> tuple[float, list[tuple[int, float]]]:
-    """Normalize one token's logprob record: a {token_id: logprob} dict (top-k plus the sampled
-    token), or an object with .logprob and .top_logprobs, into (logprob, top list)."""
-    if entry is None:
-        return float("nan"), []
-    if isinstance(entry, dict):
-        tops = sorted(((int(k), _lp_value(v)) for k, v in entry.items()), key=lambda x: -x[1])
-        chosen = entry.get(tid)
-        return (_lp_value(chosen) if chosen is not None else float("nan")), tops
-    lp = _lp_value(entry)
-    tops_raw = getattr(entry, "top_logprobs", None) or []
-    if isinstance(tops_raw, dict):
-        tops_raw = list(tops_raw.items())
-    tops = [(int(t), _lp_value(v)) for t, v in tops_raw]
-    return lp, tops
-
-
-def make_usage(subs: list[SubRequest], n: int) -> UsageInfo:
-    """OpenAI counts each prompt once however many choices it has; cached tokens are those of
-    each prompt's first choice (the later choices share its pages anyway)."""
-    prompt = sum(len(s.prompt_ids) for s in subs[::n])
-    cached = sum(getattr(s.last, "num_cached_tokens", 0) or 0 for s in subs[::n] if s.last)
-    completion = sum(s.num_tokens for s in subs)
-    return UsageInfo(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
-    )
-
-
-async def chain_first(first: Any, it: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """`first` (unless None), then the rest of `it` (closing `it` is the caller's job)."""
+async def _chain(
+    first: SubRequest | None, it: AsyncIterator[SubRequest]
+) -> AsyncIterator[SubRequest]:
     if first is not None:
         yield first
     async for x in it:
         yield x
 
 
-def sse(obj: Any) -> str:
+def sse(obj: BaseModel | str) -> str:
     """One server-sent event carrying a JSON object (a pydantic model or a plain string)."""
     data = obj if isinstance(obj, str) else obj.model_dump_json()
     return f"data: {data}\n\n"
 
 
-def finish_reason(out: Any) -> str | None:
+def finish_reason(out: RequestOutput | None) -> str | None:
     return out.outputs[0].finish_reason if out is not None and out.finished else None
 
 
-def stop_reason(out: Any) -> Any:
-    return getattr(out.outputs[0], "stop_reason", None) if out is not None else None
+def stop_reason(out: RequestOutput | None) -> str | int | None:
+    return out.outputs[0].stop_reason if out is not None else None
