@@ -7,7 +7,7 @@ parent's hash (`BlockHash`), hits are verified against the block's tokens, freed
 their hash and sit in an LRU free queue (intrusive doubly-linked list with sentinels, O(1)
 removal on a hit) until reused; a sequence frees its blocks tail first, so the tail of a prompt
 is evicted before its (more shareable) head. No parking: `release(park=True)` just frees.
-Its page plans are trivial (no maps): only swap copies, by block id (block_pool.py: blocks).
+Its page plans are trivial (no maps: the blocks exist from the start): swap copies by block id.
 """
 
 from __future__ import annotations
