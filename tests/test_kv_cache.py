@@ -111,7 +111,7 @@ def run_prefill(cache: KVCache, rid: str, tokens: list[int]):
     assert alloc is not None
     assert 0 <= alloc.num_cached_tokens <= len(tokens) - 1
     assert cache.ensure(alloc.slot, len(tokens))
-    cache.wait_ready()
+    ready(cache)
     write_kv(cache, alloc.slot, tokens, alloc.num_cached_tokens, len(tokens))
     cache.cache_prefix(alloc.slot, tokens)
     cache.check_integrity()
@@ -119,8 +119,14 @@ def run_prefill(cache: KVCache, rid: str, tokens: list[int]):
     return alloc
 
 
+def ready(cache: KVCache) -> None:
+    """What the engine does after scheduling: apply the step's plan, wait for it."""
+    cache.apply(cache.take_plan())
+    cache.wait_ready()
+
+
 def slot_page(cache: KVCache, slot: int, j: int):
-    return cache.vt.page(cache.layout.slot_page(slot, j))
+    return cache.table.page(cache.layout.slot_page(slot, j))
 
 
 def close_and_check(cache: KVCache) -> None:
@@ -244,13 +250,11 @@ def test_prefix_sharing_aliases_pages_and_copies_partial(factory):
 def test_partial_copies_wait_for_wait_ready_and_survive_a_small_ring(factory, monkeypatch):
     """Admissions queue their partial-page copies (no wait per request); wait_ready runs them.
     A ring of 2 scratch entries wraps within the step (flushes early); a slot freed before
-    wait_ready drops its copy; a source evicted before wait_ready still copies right (the ring
-    entry holds its page)."""
-    import vtensor.kv.cache as cache_mod
-    import vtensor.kv.prefix as prefix_mod
+    wait_ready drops its copy; a source evicted before wait_ready still copies right (the
+    cache holds its page until the copy ran)."""
+    import vtensor.kv.applier as applier_mod
 
-    monkeypatch.setattr(prefix_mod, "SCRATCH_PAGES", 2)
-    monkeypatch.setattr(cache_mod, "SCRATCH_PAGES", 2)
+    monkeypatch.setattr(applier_mod, "SCRATCH_PAGES", 2)
     cache = make_cache(factory, num_slots=6)
     tpp = tpp_of(cache)
     rng = random.Random(5)
@@ -260,20 +264,25 @@ def test_partial_copies_wait_for_wait_ready_and_survive_a_small_ring(factory, mo
     shared = int(1.5 * tpp)  # one aliased page + a partial one
     toks = {r: a_tok[:shared] + [rng.randrange(1000, 2000) for _ in range(9)] for r in "bcde"}
     allocs = {r: cache.acquire(r, t) for r, t in toks.items()}
-    assert len(cache.copies) <= 2 and all(al.num_cached_tokens == shared for al in allocs.values())
-    cache.free(allocs["c"].slot)  # before its copy ran
+    assert all(al.num_cached_tokens == shared for al in allocs.values())
+    cache.apply(cache.take_plan())
+    queued = cache.applier._queued
+    assert len(queued) == 2 and cache.stats["copies"] == 4  # 4 copies through 2 entries
+    cache.free(allocs["e"].slot)  # its copy is still queued
     nodes = cache.tree.num_nodes
     cache.reset_prefix_cache()  # evicts the copy sources: their pages must live on
     assert cache.tree.num_nodes < nodes
-    for r in "bde":
+    for r in "bcd":
         assert cache.ensure(allocs[r].slot, len(toks[r]))
+    cache.apply(cache.take_plan())
+    assert len(cache.applier._queued) == 1  # e's copy was dropped
     cache.wait_ready()
-    assert not cache.copies and cache.scratch.num_mapped() == 0
-    for r in "bde":
+    assert not cache.applier._queued and cache.applier.num_scratch_mapped() == 0
+    for r in "bcd":
         write_kv(cache, allocs[r].slot, toks[r], shared, len(toks[r]))
         assert_kv(cache, allocs[r].slot, toks[r], len(toks[r]))
     cache.check_integrity()
-    for r in "bde":
+    for r in "bcd":
         cache.release(allocs[r].slot, toks[r], park=False)
     close_and_check(cache)
 
@@ -314,7 +323,7 @@ def test_parked_slot_takeover_zero_maps_zero_copies(factory):
     for _ in range(20):
         turn1.append(rng.randrange(1000))
         assert cache.ensure(a.slot, len(turn1))
-        cache.wait_ready()
+        ready(cache)
         write_kv(cache, a.slot, turn1, len(turn1) - 1, len(turn1))
     cache.release(a.slot, turn1, park=True)
     cache.check_integrity()
@@ -327,7 +336,7 @@ def test_parked_slot_takeover_zero_maps_zero_copies(factory):
     assert cache.stats["affinity_hits"] == 1
     assert_kv(cache, alloc.slot, turn1, len(turn1))
     assert cache.ensure(alloc.slot, len(turn2))
-    cache.wait_ready()
+    ready(cache)
     write_kv(cache, alloc.slot, turn2, len(turn1), len(turn2))
     cache.release(alloc.slot, turn2)
     # a diverging conversation (regenerate) cannot take the slot over; it shares pages instead
@@ -386,6 +395,7 @@ def test_swap_roundtrip_same_addresses_exact_data(factory):
     c = run_prefill(cache, "c", c_tok)
     cache.free(c.slot)
     assert cache.swap_in(b.slot)
+    ready(cache)
     cache.check_integrity()
     assert cache.kv_views[0][0][b.slot].data_ptr() == ptr
     assert_kv(cache, b.slot, b_tok, len(b_tok))
@@ -409,9 +419,11 @@ def test_errors_budget_and_idle_trim():
     with pytest.raises(ValueError):
         cache.cache_prefix(a.slot, [9] + tok[1:])
     cache.free(a.slot)
-    cache.wait_ready()  # idle for >= 0 s: free pages go back to the OS
+    ready(cache)  # idle for >= 0 s: free pages go back to the OS
     st_ = cache.pool.stats()
     assert st_["free"] == 0 and st_["live"] == st_["in_use"] and cache.stats["trimmed_pages"] > 0
+    dev = cache.applier.pool.stats()  # the device gave the released pages' memory back
+    assert dev["free"] == 0 and dev["live"] == dev["in_use"] == st_["in_use"]
     cache.record(t=1.0)
     assert cache.series[-1]["t"] == 1.0 and "bytes_mapped" in cache.series[-1]
     # corrupt a refcount: check_integrity must notice
@@ -457,7 +469,7 @@ class Driver:
         if not cache.ensure(alloc.slot, len(tokens)):
             cache.free(alloc.slot)  # preempted before it started
             return
-        cache.wait_ready()
+        ready(cache)
         assert_kv(cache, alloc.slot, tokens, alloc.num_cached_tokens)
         write_kv(cache, alloc.slot, tokens, alloc.num_cached_tokens, len(tokens))
         cache.cache_prefix(alloc.slot, tokens)
@@ -486,7 +498,7 @@ class Driver:
                 cache.free(slot)  # the engine preempts
                 del self.active[rid]
                 return
-            cache.wait_ready()
+            ready(cache)
             write_kv(cache, slot, new, len(tok), len(new))
             if rng.random() < 0.5:
                 cache.cache_prefix(slot, new)
@@ -506,7 +518,7 @@ class Driver:
             if cache.swap_in(slot):
                 del self.swapped[rid]
                 self.active[rid] = (slot, tok)
-                cache.wait_ready()
+                ready(cache)
                 assert_kv(cache, slot, tok, len(tok))
         elif op == "free" and (self.active or self.swapped):
             pool = (
@@ -516,7 +528,7 @@ class Driver:
             cache.free(pool.pop(rid)[0])
 
     def verify_all(self) -> None:
-        self.cache.wait_ready()
+        ready(self.cache)
         for slot, tok in self.active.values():
             assert_kv(self.cache, slot, tok, len(tok))
 
@@ -567,11 +579,12 @@ def test_decode_never_waits_on_the_mapper_with_lookahead(factory, lookahead):
     maps0 = cache.stats["map_ops"]
     for i in range(int(3 * tpp_of(cache))):  # decode across several page boundaries
         tok.append(i % 97)
-        cache.mapper.flush()  # the mapper had time to run everything queued so far
+        cache.applier.mapper.flush()  # the mapper had time to run everything queued so far
         assert cache.ensure(a.slot, len(tok))
+        cache.apply(cache.take_plan())
         # map work the next step would block on: none while the lookahead runs ahead
-        fresh_required += sum(not t.done() for t in cache._required)
-        done_required += sum(t.done() for t in cache._required)
+        fresh_required += sum(not t.done() for t in cache.applier._required)
+        done_required += sum(t.done() for t in cache.applier._required)
         cache.wait_ready()
         write_kv(cache, a.slot, tok, len(tok) - 1, len(tok))
     if lookahead is None:  # default: one page ahead
@@ -593,7 +606,7 @@ def test_same_prefix_computed_twice_keeps_a_private_duplicate():
         assert alloc.num_cached_tokens == 0
         assert cache.ensure(alloc.slot, len(tok))
         allocs.append(alloc)
-    cache.wait_ready()
+    ready(cache)
     for alloc in allocs:
         write_kv(cache, alloc.slot, tok, 0, len(tok))
         cache.cache_prefix(alloc.slot, tok)
@@ -609,7 +622,7 @@ def test_same_prefix_computed_twice_keeps_a_private_duplicate():
     # b continues (a longer conversation) and parks; its duplicate path still allows takeover
     longer = tok + [9] * int(tpp)
     assert cache.ensure(b.index, len(longer))
-    cache.wait_ready()
+    ready(cache)
     write_kv(cache, b.index, longer, len(tok), len(longer))
     cache.release(b.index, longer)
     cache.check_integrity()
@@ -662,7 +675,7 @@ def test_ensure_fast_path_matches_the_general_path():
             if oks[0]:
                 live[slot] = n
         for c in caches:
-            c.wait_ready()
+            ready(c)
         # the same state; timings (keys ending in _s) differ run to run
         a, b = ({k: v for k, v in c.snapshot().items() if not k.endswith("_s")} for c in caches)
         assert a == b, step

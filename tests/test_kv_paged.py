@@ -61,11 +61,18 @@ def check(cache: PagedKVCache, slot: int, tokens: list[int], end: int) -> None:
         assert torch.equal(v.view(-1, 2, 8)[idx], expected(tokens, 0, end, layer, 1, cache.device))
 
 
+def applied(cache: PagedKVCache) -> None:
+    """As the engine after scheduling: the plan's swap copies run before the step writes."""
+    cache.apply(cache.take_plan())
+    cache.wait_ready()
+
+
 def prefill(cache: PagedKVCache, rid: str, tokens: list[int]):
     a = cache.acquire(rid, tokens)
     assert a is not None and a.num_cached_tokens <= len(tokens) - 1
     assert a.num_cached_tokens % cache.block_size == 0
     assert cache.ensure(a.slot, len(tokens))
+    applied(cache)
     check(cache, a.slot, tokens, a.num_cached_tokens)
     write(cache, a.slot, tokens, a.num_cached_tokens, len(tokens))
     cache.cache_prefix(a.slot, tokens)
@@ -144,6 +151,7 @@ def test_paged_swap_roundtrip(device):
     c = prefill(cache, "c", list(range(900, 960)))
     cache.free(c.slot)
     assert cache.swap_in(b.slot)
+    applied(cache)
     cache.check_integrity()
     check(cache, b.slot, b_tok, len(b_tok))
     check(cache, a.slot, tok, len(tok))
@@ -194,6 +202,7 @@ def run_paged_workload(ops: list[tuple[str, int]], num_blocks: int, device="cpu"
             a = cache.acquire(rid, tok)
             if a is not None:
                 if cache.ensure(a.slot, len(tok)):
+                    applied(cache)
                     check(cache, a.slot, tok, a.num_cached_tokens)
                     write(cache, a.slot, tok, a.num_cached_tokens, len(tok))
                     cache.cache_prefix(a.slot, tok)
@@ -205,6 +214,7 @@ def run_paged_workload(ops: list[tuple[str, int]], num_blocks: int, device="cpu"
             slot, tok = active[r]
             new = (tok + [rng.randrange(30) for _ in range(rng.randrange(1, 40))])[:256]
             if cache.ensure(slot, len(new)):
+                applied(cache)
                 write(cache, slot, new, len(tok), len(new))
                 active[r] = (slot, new)
             else:
@@ -225,6 +235,7 @@ def run_paged_workload(ops: list[tuple[str, int]], num_blocks: int, device="cpu"
             pool = active if active else swapped
             cache.free(pool.pop(rng.choice(sorted(pool)))[0])
         cache.check_integrity()
+        applied(cache)
         for slot, tok in active.values():
             check(cache, slot, tok, len(tok))
     for slot, _ in list(active.values()) + list(swapped.values()):

@@ -3,11 +3,11 @@
     python -m vtensor.bench.kv --out bench/results/kv [--backend auto] [--quick]
 
 No model runs: a scheduler stand-in drives the cache exactly as the engine does (acquire ->
-ensure(prompt) -> wait_ready -> cache_prefix; per decode step ensure(len + 1); release(park) at
-the end of a turn; free() on preemption), with up to `--max-active` conversations in flight and
-a random think time between turns. Conversations come from `workloads.multi_turn` (ShareGPT-like
-lengths, whole history resent each turn). KV spec: Llama-3-8B (32 layers, 8 KV heads, dim 128,
-bf16 = 128 KiB/token).
+ensure(prompt) -> apply(take_plan()) -> wait_ready -> cache_prefix; per decode step
+ensure(len + 1); release(park) at the end of a turn; free() on preemption), with up to
+`--max-active` conversations in flight and a random think time between turns. Conversations
+come from `workloads.multi_turn` (ShareGPT-like lengths, whole history resent each turn). KV
+spec: Llama-3-8B (32 layers, 8 KV heads, dim 128, bf16 = 128 KiB/token).
 
 Reported: physical KV memory over time (pages that exist in the pool, pages mapped, bytes the
 live tokens need) against a preallocated paged pool sized like vLLM's default (90% of device
@@ -80,6 +80,7 @@ def simulate(cache, wl, *, max_active: int, max_think: int, seed: int, record_ev
             computed += len(c.tokens) - alloc.num_cached_tokens
             active[i] = c
             admitted.append(c)
+        cache.apply(cache.take_plan())
         cache.wait_ready()
         for c in admitted:
             cache.cache_prefix(c.slot, c.tokens)  # the prefill "ran"
@@ -102,6 +103,7 @@ def simulate(cache, wl, *, max_active: int, max_think: int, seed: int, record_ev
                 c.turn += 1
                 if c.turn < len(c.users):
                     heapq.heappush(waiting, (step + 1 + rng.randrange(max_think + 1), i))
+        cache.apply(cache.take_plan())
         cache.wait_ready()
         if step % record_every == 0:
             cache.record(t=step)
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         free, tot = torch.cuda.mem_get_info(backend.device)
         device_used_peak = tot - free - used0
     time.sleep(max(0.0, args.idle_trim_s) + 0.05)
+    cache.apply(cache.take_plan())
     cache.wait_ready()  # idle long enough: free pages go back to the driver
     after_trim = cache.snapshot()["bytes_physical"]
     cache.close()

@@ -177,6 +177,7 @@ class LLMEngine:
         the engine goes on; only a device error (or repeated failures) propagates."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
+        self.kv_cache.apply(batch.plan)  # the mapper starts now, ahead of the inputs and GPU
         t1 = time.perf_counter()
         done = self._pending + self.scheduler.failed
         self._pending, self.scheduler.failed = [], []

@@ -197,6 +197,7 @@ class ModelRunner:
         alloc = self.kv.acquire("__vtensor_pad__", [0])
         if alloc is None or not self.kv.ensure(alloc.slot, 1):
             raise RuntimeError("no KV room for the CUDA-graph pad slot")
+        self.kv.apply(self.kv.take_plan())
         self.kv.wait_ready()
         self.pad_slot = s = alloc.slot
         (a,), (b,) = self.kv.store_targets([s], [0], [1])

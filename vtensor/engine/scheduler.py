@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from vtensor.engine.errors import ErrorKind, RequestError, RequestTooLargeError
 from vtensor.engine.sequence import Sequence, Status
-from vtensor.kv import KVManager
+from vtensor.kv import KVManager, PagePlan
 
 __all__ = ["RequestTooLargeError", "ScheduledBatch", "Scheduler"]
 
@@ -31,6 +31,9 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)  # tokens computed this step, per seq
     is_prefill: bool = False  # False: every seq decodes exactly one token
+    # the KV device work decided since the last step (maps, unmaps, copies): the engine
+    # applies it before the batch's inputs are built, even when the batch is empty
+    plan: PagePlan = field(default_factory=PagePlan)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -131,6 +134,11 @@ class Scheduler:
     # ------------------------------------------------------------------ step
 
     def schedule(self) -> ScheduledBatch:
+        batch = self._schedule()
+        batch.plan = self.kv.take_plan()  # includes frees since the last step (finish, abort)
+        return batch
+
+    def _schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         running = self.running

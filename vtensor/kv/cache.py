@@ -9,6 +9,10 @@ Every physical page is exactly one of (check_integrity proves it):
 Page j of slot s is always mapped at the same virtual address; sharing a prefix means mapping
 the radix tree's physical page there (aliasing, no copy; prefix.py). Finished requests park
 their slot, preempted ones may swap (parking.py); telemetry.py; shared state in slots.py.
+
+Scheduling calls change the bookkeeping (pagetable.py: logical page ids, no memory) and record
+their device work in a page plan (plan.py); `apply` hands a plan to this device's applier
+(applier.py: the reservation, its pages, the mapper thread, copies).
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ from collections.abc import Sequence
 
 import torch
 
+from vtensor.kv.applier import PlanApplier
 from vtensor.kv.budget import resolve_budget
 from vtensor.kv.layout import KVConfigError, KVLayout, KVSpec
 from vtensor.kv.manager import Allocation, SlotStateError
+from vtensor.kv.pagetable import PageTable, logical_pool
 from vtensor.kv.parking import Parking
-from vtensor.kv.prefix import SCRATCH_PAGES, PrefixSharing
+from vtensor.kv.plan import Need
+from vtensor.kv.prefix import PrefixSharing
 from vtensor.kv.radix import RadixTree
 from vtensor.kv.slots import Slot, SlotState
 from vtensor.kv.telemetry import Telemetry
-from vtensor.vmm import Backend, Mapper, PagePool, Ticket, VirtualTensor
+from vtensor.vmm import Backend, PhysPage
 
 __all__ = ["KVCache", "Slot", "SlotState"]
 
@@ -63,30 +70,18 @@ class KVCache(PrefixSharing, Parking, Telemetry):
             raise KVConfigError(f"lookahead_tokens={lookahead_tokens} must be >= 0")
         self.idle_trim_seconds = idle_trim_seconds
         self.budget_bytes = resolve_budget(budget_bytes, backend.device, host_budget_base)
-        self.pool = PagePool(backend, self.budget_bytes, grow_batch=grow_batch)
-        self.mapper: Mapper | None = Mapper() if async_map else None
-        try:
-            self.vt = VirtualTensor(self.pool, layout.total_bytes, self.mapper)
-        except Exception as e:
-            if self.mapper is not None:
-                self.mapper.close()
-            self.pool.close()
-            raise KVConfigError(
-                f"cannot reserve {layout.total_bytes / 2**40:.2f} TiB of virtual space for "
-                f"{num_slots} slots x {max_tokens} tokens x {layout.bytes_per_token} B: {e}"
-            ) from e
-        n_el = layout.total_bytes // layout.itemsize
+        # device side first (reserving the address space is what fails for absurd sizes);
+        # the scheduling side has ids and refcounts only
+        self.applier = PlanApplier(
+            backend, layout, self.budget_bytes, async_map=async_map, grow_batch=grow_batch
+        )
+        self.pool = logical_pool(ps, self.budget_bytes)
+        self.table = PageTable(self.pool, layout.num_pages)
         # kv: [slots, tokens, layers, 2, kv_heads, head_dim] flattened; base never moves
-        self._base = self.vt.view(spec.dtype, (n_el,))
-        self._bytes = self.vt.view(torch.uint8, (layout.total_bytes,))
+        self._base = self.applier.vt.view(spec.dtype, (layout.total_bytes // layout.itemsize,))
         self.kv_views = layout.layer_views(self._base)
-        # A ring of scratch pages to read partial-page copy sources through; made now, before
-        # any map work is queued (CUDA builds a tensor over a reservation with a temporary
-        # mapping). Address space only: pages are mapped there just for one copy.
-        self.scratch = VirtualTensor(self.pool, SCRATCH_PAGES * ps, self.mapper)
-        self.scratch_bytes = self.scratch.view(torch.uint8, (SCRATCH_PAGES * ps,))
-        self.scratch_next = 0
-        self.copies = []
+        self.copy_refs: list[PhysPage] = []
+        self.taken_refs: list[PhysPage] = []
         self.tree = RadixTree(layout.chunk_end)
         self.slots = [Slot(i) for i in range(num_slots)]
         # FIFO: slot 0 first, then the slot freed longest ago (a freed slot's lazy unmaps then
@@ -94,7 +89,6 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         self.free_slots = deque(range(num_slots))
         self.parked: OrderedDict[int, None] = OrderedDict()  # LRU first
         self.parked_private_pages = 0
-        self._required: list[Ticket] = []  # map work the next step needs
         self._last_alloc = time.monotonic()
         self._closed = False
         self.series: list[dict] = []
@@ -146,7 +140,7 @@ class KVCache(PrefixSharing, Parking, Telemetry):
             and s.state is SlotState.ACTIVE
             and num_tokens >= 0
             and num_tokens + self.lookahead_tokens <= self._fast_limit(s.mapped)
-            and (s.pending is None or num_tokens <= self._fast_limit(s.pending_first))
+            and (not s.pending or num_tokens <= self._fast_limit(s.pending_first))
         ):
             if num_tokens > s.num_tokens:
                 s.num_tokens = num_tokens
@@ -157,23 +151,25 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         lay = self.layout
         need = lay.pages_for(num_tokens)
         want = lay.pages_for(min(num_tokens + self.lookahead_tokens, self.max_tokens))
-        if s.pending is not None and need > s.pending_first:
-            if not s.pending.done():  # usually done long ago: that is what lookahead is for
-                self._required.append(s.pending)  # FIFO: covers earlier lookahead work too
-            s.pending = None
+        if s.pending and need > s.pending_first:
+            # the step reads pages mapped ahead: the device waits for those maps (if a map is
+            # added below, FIFO makes it cover them anyway)
+            first, last = self.slot_page(slot, s.pending_first), self.slot_page(slot, s.mapped)
+            self.table.record(Need(first, last))
+            s.pending = False
         if need > s.mapped:
             if not self._make_room(need - s.mapped):
                 self.stats["ensure_failures"] += 1
                 return False
             last = want if self._make_room(want - s.mapped) else need
-            self._required.append(self._map(slot, s.mapped, last))
-            s.mapped, s.pending = last, None  # FIFO: this ticket covers earlier lookahead work
+            self._map(slot, s.mapped, last)
+            s.mapped, s.pending = last, False
         elif want > s.mapped and self._make_room(want - s.mapped):
             # lookahead only: nobody waits for it unless a later ensure() needs these pages
-            t = self._map(slot, s.mapped, want)
-            if s.pending is None:
+            if not s.pending:
                 s.pending_first = s.mapped
-            s.pending, s.mapped = t, want
+            self._map(slot, s.mapped, want, ahead=True)
+            s.pending, s.mapped = True, want
         s.num_tokens = max(s.num_tokens, num_tokens)
         return True
 
@@ -184,12 +180,12 @@ class KVCache(PrefixSharing, Parking, Telemetry):
         return pages * self.page_size // self.layout.bytes_per_token
 
     def wait_ready(self) -> None:
-        """Block until the map work the next step needs is done (lookahead work may run on),
-        then queue the partial-page copies that waited for it."""
-        required, self._required = self._required, []
-        for t in required:
-            t.wait()
-        self.flush_copies()
+        """Block until the map work of the applied plans that the next step needs is done
+        (lookahead work may run on), queue their copies, then let the copy sources go."""
+        self.applier.wait_ready()
+        refs, self.taken_refs = self.taken_refs, []
+        for p in refs:
+            self.pool.decref(p)
         self.maybe_trim()
 
     def free(self, slot: int) -> None:
@@ -230,11 +226,11 @@ class KVCache(PrefixSharing, Parking, Telemetry):
                 self._drop(s)
         while self.tree.evictable:
             self.pool.decref(self.tree.evict_one())
-        self._required = []
-        self.scratch.close()
-        self.vt.close()
-        if self.mapper is not None:
-            self.mapper.close()
+        for p in self.copy_refs + self.taken_refs:
+            self.pool.decref(p)
+        self.copy_refs, self.taken_refs = [], []
+        self.table.take()  # not applied: the device goes as a whole
+        self.applier.close()
         self._closed = True
         self.kv_views = []
         self.pool.close()

@@ -2,7 +2,8 @@
 
 Every physical page must be exactly one of free (pool) / owned (one slot, refcount 1) / shared
 (tree and/or several slots) / cached (tree only); refcount == slot mappings + tree reference;
-lock_ref / pin_ref == slots whose path holds the node; the evictable dict keeps LRU order with
+lock_ref / pin_ref == slots whose path holds the node; once every plan was applied, the
+device maps exactly the page table's ids; the evictable dict keeps LRU order with
 descendants first; live-request waste <= one page + lookahead. O(pages): tests call it after
 every step, the engine when it goes idle.
 """
@@ -28,7 +29,7 @@ def check_cache(cache: KVCache) -> None:
     for s in cache.slots:
         base = cache.slot_page(s.index)
         for j in range(lay.pages_per_slot):
-            p = cache.vt.page(base + j)
+            p = cache.table.page(base + j)
             if p is None:
                 continue
             if j >= s.mapped or s.state == SlotState.FREE:
@@ -52,7 +53,7 @@ def check_cache(cache: KVCache) -> None:
                 fail(f"slot {s.index}: broken path at page {j}")
             if node.key != cache.tree.chunk(s.tokens, j):
                 fail(f"slot {s.index}: path page {j} tokens differ from the slot's")
-            p = cache.vt.page(base + j)
+            p = cache.table.page(base + j)
             if p is node.page:
                 tm += 1
             elif p is None and s.state != SlotState.SWAPPED:
@@ -60,7 +61,7 @@ def check_cache(cache: KVCache) -> None:
         if tm != s.tree_mapped:
             fail(f"slot {s.index}: tree_mapped {s.tree_mapped} != {tm}")
         if s.state == SlotState.SWAPPED:
-            if any(cache.vt.is_mapped(base + j) for j in s.swap_pages):
+            if any(cache.table.is_mapped(base + j) for j in s.swap_pages):
                 fail(f"swapped slot {s.index} still maps a swapped-out page")
         elif cache.enable_prefix_cache and s.tokens and s.tail is not cache.deepest(s):
             fail(f"slot {s.index}: tail registration is stale")
@@ -98,14 +99,25 @@ def check_cache(cache: KVCache) -> None:
         parent = node.parent
         if parent is not None and id(parent) in pos and pos[id(parent)] < pos[id(node)]:
             fail("evictable order puts a parent before its child")
+    holds: dict[int, int] = {}  # copy sources held until their copy ran
+    for p in cache.copy_refs + cache.taken_refs:
+        holds[id(p)] = holds.get(id(p), 0) + 1
+        pages[id(p)] = p
     for key, p in pages.items():
-        m, t = maps.get(key, 0), tree_refs.get(key, 0)
+        m, t, h = maps.get(key, 0), tree_refs.get(key, 0), holds.get(key, 0)
         if t > 1:
             fail(f"page {p.index} cached twice in the tree")
-        if p.refcount != m + t:
-            fail(f"page {p.index}: refcount {p.refcount} != {m} mappings + {t} tree refs")
-    if cache.scratch.num_mapped():
-        fail("scratch page still mapped")
+        if p.refcount != m + t + h:
+            fail(f"page {p.index}: refcount {p.refcount} != {m} mappings + {t} tree refs + {h}")
+    if cache.table.num_mapped() != sum(maps.values()):
+        fail("page table count out of sync")
+    if not cache.table.plan and not cache.taken_refs:
+        # everything recorded was applied and its copies ran: the device holds what the
+        # accounting says, id for id
+        if cache.applier.num_scratch_mapped():
+            fail("scratch page still mapped")
+        if cache.applier.ids() != cache.table.ids():
+            fail("the device's pages differ from the page table")
     if cache.pool.num_in_use() != len(pages):
         fail(f"pool has {cache.pool.num_in_use()} pages in use, cache accounts {len(pages)}")
     parked_private = sum(s.parked_private for s in cache.slots)
@@ -117,3 +129,4 @@ def check_cache(cache: KVCache) -> None:
     if sorted(cache.free_slots) != free:
         fail("free slot list out of sync")
     cache.pool.check_integrity()
+    cache.applier.pool.check_integrity()

@@ -1,7 +1,12 @@
 """KVManager: the one interface the engine has to a KV cache, virtual (`KVCache`) or paged
-(`PagedKVCache`). The scheduler decides with it (acquire / ensure / release / free / swap),
-the runner builds each step's attention inputs from its integers (`store_targets`,
-`kv_index`), the engine waits for it (`wait_ready`), publishes prefixes and watches it.
+(`PagedKVCache`). The scheduler decides with it (acquire / ensure / release / free / swap):
+those calls do the accounting at once and only record their device work (page maps and
+unmaps, partial-page copies, swap copies) in a page plan of integers (plan.py). The scheduler
+hands the step's plan over (`take_plan`, in `ScheduledBatch.plan`), the engine applies it
+(`apply`, right after scheduling: the mapper thread runs ahead while the inputs are built),
+waits for it (`wait_ready`), and the runner builds each step's attention inputs from the
+manager's integers (`store_targets`, `kv_index`). A plan names no device object, so the same
+plans can be applied on several devices (tensor-parallel ranks; see plan.py).
 
 Slots: a request holds one slot from `acquire` until `release` / `free`. Token ids passed in
 are the request's tokens whose KV is (or will be, once this step ran) valid in the slot.
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from vtensor.kv.plan import PagePlan
 
 
 class KVIntegrityError(RuntimeError):
@@ -38,7 +45,7 @@ class KVManager(Protocol):
     max_tokens: int  # per slot
     kv_index_width: int  # columns of kv_index(): 1 (virtual: the slot) or max blocks (paged)
 
-    # ---- scheduling (integers only, no waiting on the device) ----
+    # ---- scheduling (integers only, no device work: it is recorded in the pending plan) ----
     def acquire(self, request_id: str, token_ids: Sequence[int]) -> Allocation | None:
         """A slot for a new request (None: no free slot). Reuses KV of a cached prefix or of a
         parked conversation slot; always leaves >= 1 token to compute."""
@@ -69,20 +76,32 @@ class KVManager(Protocol):
         ...
 
     def free(self, slot: int) -> None:
-        """Drop the slot's KV at once (abort, recompute preemption)."""
+        """Drop the slot's KV at once (abort, recompute preemption): its pages count as free
+        now; the plan unmaps them once the GPU is done with the kernels queued before it."""
         ...
 
     def swap_out(self, slot: int) -> None:
-        """The slot's private pages to host memory (swap preemption)."""
+        """The slot's private pages to host memory (swap preemption); the pages count as free
+        at once, the plan copies them out before anything can reuse them."""
         ...
 
     def swap_in(self, slot: int) -> bool:
         """Back from host memory; False: no room yet."""
         ...
 
-    # ---- device side ----
+    # ---- plans, device side ----
+    def take_plan(self) -> PagePlan:
+        """The device work the calls above recorded since the last take, in order."""
+        ...
+
+    def apply(self, plan: PagePlan) -> None:
+        """Start a plan's device work (maps on the mapper thread, no waiting for them). Plans
+        are applied in the order they were taken, each once per device."""
+        ...
+
     def wait_ready(self) -> None:
-        """Block until the page work the next step needs is done (before the step runs)."""
+        """Block until the device work of the applied plans that the next step needs is done
+        and their copies are queued on the stream (before the step runs)."""
         ...
 
     def store_targets(
@@ -103,7 +122,8 @@ class KVManager(Protocol):
         ...
 
     def trim(self) -> int:
-        """Give free memory back to the driver now; pages trimmed (0 for a preallocated pool)."""
+        """Give free memory back to the driver now (device side: applies the pending plan with
+        the releases last); pages trimmed (0 for a preallocated pool)."""
         ...
 
     def maybe_trim(self) -> int:

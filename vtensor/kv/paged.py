@@ -7,69 +7,21 @@ parent's hash (`BlockHash`), hits are verified against the block's tokens, freed
 their hash and sit in an LRU free queue (intrusive doubly-linked list with sentinels, O(1)
 removal on a hit) until reused; a sequence frees its blocks tail first, so the tail of a prompt
 is evicted before its (more shareable) head. No parking: `release(park=True)` just frees.
+Its page plans are trivial (no maps: the blocks exist from the start): swap copies by block id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NewType
 
 import torch
 
+from vtensor.kv.block_pool import Block, BlockHash, FreeQueue
 from vtensor.kv.budget import resolve_budget
 from vtensor.kv.layout import KVConfigError, KVSpec
 from vtensor.kv.manager import Allocation, KVIntegrityError, SlotStateError
-
-BlockHash = NewType("BlockHash", int)
-
-
-@dataclass(slots=True, eq=False)
-class _Block:
-    block_id: int
-    ref_cnt: int = 0  # sequences using it; 0 = in the free queue (maybe still cached)
-    block_hash: BlockHash | None = None  # set once full and published
-    tokens: tuple[int, ...] | None = None  # the block's tokens, to verify a hash hit
-    prev: _Block | None = None  # free-queue links
-    next: _Block | None = None
-
-
-class _FreeQueue:
-    """Doubly-linked list with sentinels: LRU order, O(1) popleft / remove / append."""
-
-    def __init__(self, blocks: list[_Block]) -> None:
-        self.head = _Block(-1)
-        self.tail = _Block(-1)
-        self.head.next, self.tail.prev = self.tail, self.head
-        self.size = 0
-        for b in blocks:
-            self.append(b)
-
-    def append(self, b: _Block) -> None:
-        last = self.tail.prev
-        assert last is not None
-        b.prev, b.next = last, self.tail
-        last.next = b
-        self.tail.prev = b
-        self.size += 1
-
-    def remove(self, b: _Block) -> None:
-        assert b.prev is not None and b.next is not None, "block not in the free queue"
-        b.prev.next, b.next.prev = b.next, b.prev
-        b.prev = b.next = None
-        self.size -= 1
-
-    def popleft(self) -> _Block:
-        b = self.head.next
-        assert b is not None and b is not self.tail, "free queue empty"
-        self.remove(b)
-        return b
-
-    def __iter__(self):
-        b = self.head.next
-        while b is not None and b is not self.tail:
-            yield b
-            b = b.next
+from vtensor.kv.plan import PagePlan, SwapDrop, SwapIn, SwapOut
 
 
 @dataclass(slots=True, eq=False)
@@ -78,12 +30,11 @@ class _Seq:
     active: bool = False
     swapped: bool = False
     request_id: str | None = None
-    blocks: list[_Block] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
     hashes: list[BlockHash] = field(default_factory=list)  # of its full, published blocks
     tokens: list[int] = field(default_factory=list)  # tokens whose KV is valid
     num_tokens: int = 0
-    swap_pos: list[int] = field(default_factory=list)
-    swap_buf: torch.Tensor | None = None  # [len(swap_pos), layers, 2, block, heads, dim]
+    swap_pos: list[int] = field(default_factory=list)  # block positions swapped out
 
 
 class PagedKVCache:
@@ -123,11 +74,13 @@ class PagedKVCache:
         # kv: [layers, 2, num_blocks, block_size, kv_heads, head_dim], all allocated up front
         self.kv = torch.empty((L, 2, num_blocks, block_size, H, D), dtype=spec.dtype, device=dev)
         self.kv_views = [(self.kv[i, 0], self.kv[i, 1]) for i in range(L)]
-        self._blocks = [_Block(i) for i in range(num_blocks)]
-        self._free = _FreeQueue(self._blocks)
-        self._cached: dict[BlockHash, _Block] = {}
+        self._blocks = [Block(i) for i in range(num_blocks)]
+        self._free = FreeQueue(self._blocks)
+        self._cached: dict[BlockHash, Block] = {}
         self._seqs = [_Seq(i) for i in range(num_slots)]
         self._free_seqs = list(range(num_slots - 1, -1, -1))
+        self._plan = PagePlan()  # pending: only swaps (the blocks are preallocated)
+        self._swap: dict[int, torch.Tensor] = {}  # slot -> [blocks, layers, 2, block, heads, dim]
         self._closed = False
         self.series: list[dict] = []
         self.stats = dict.fromkeys(
@@ -149,7 +102,7 @@ class PagedKVCache:
     def _hash(parent: BlockHash | None, tokens: tuple[int, ...]) -> BlockHash:
         return BlockHash(hash((parent, tokens)))
 
-    def _pop_free(self) -> _Block:
+    def _pop_free(self) -> Block:
         b = self._free.popleft()
         if b.block_hash is not None:  # reusing a cached block evicts it from the cache
             if self._cached.get(b.block_hash) is b:
@@ -159,7 +112,7 @@ class PagedKVCache:
         b.ref_cnt = 1
         return b
 
-    def _decref(self, b: _Block) -> None:
+    def _decref(self, b: Block) -> None:
         b.ref_cnt -= 1
         assert b.ref_cnt >= 0
         if b.ref_cnt == 0:
@@ -210,8 +163,30 @@ class PagedKVCache:
         s.num_tokens = max(s.num_tokens, num_tokens)
         return True
 
+    def take_plan(self) -> PagePlan:
+        plan, self._plan = self._plan, PagePlan()
+        return plan
+
+    def apply(self, plan: PagePlan) -> None:
+        """The swap copies, in plan order, on the stream (blocks need no maps)."""
+        for op in plan.ops:
+            if isinstance(op, SwapOut):
+                ids = torch.tensor(op.pages, dtype=torch.long, device=self.device)
+                data = self.kv.index_select(2, ids).movedim(2, 0).contiguous()
+                pin = self.device.type == "cuda"
+                buf = torch.empty(data.shape, dtype=data.dtype, pin_memory=pin)
+                self._swap[op.slot] = buf.copy_(data, non_blocking=True)
+            elif isinstance(op, SwapIn):
+                ids = torch.tensor(op.pages, dtype=torch.long, device=self.device)
+                buf = self._swap.pop(op.slot).to(self.device, non_blocking=True)
+                self.kv.index_copy_(2, ids, buf.movedim(0, 2))
+            elif isinstance(op, SwapDrop):
+                self._swap.pop(op.slot, None)
+            else:
+                raise TypeError(f"PagedKVCache plans hold only swaps, not {op!r}")
+
     def wait_ready(self) -> None:
-        """Nothing to wait for: the pool is preallocated."""
+        """Nothing to wait for: the pool is preallocated, swap copies are stream-ordered."""
 
     def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> None:
         s = self._seq(slot)
@@ -248,26 +223,25 @@ class PagedKVCache:
         for b in reversed(s.blocks):  # tail first: evicted before the shareable head
             if b is not None:
                 self._decref(b)
+        if s.swapped:
+            self._plan.ops.append(SwapDrop(slot))
         s.active = s.swapped = False
-        s.request_id, s.swap_buf = None, None
+        s.request_id = None
         s.blocks, s.hashes, s.tokens, s.swap_pos = [], [], [], []
         s.num_tokens = 0
         self._free_seqs.append(s.index)
 
     def swap_out(self, slot: int) -> None:
-        """Blocks only this sequence uses -> host memory (pinned on CUDA), then freed."""
+        """Blocks only this sequence uses -> host memory (pinned on CUDA), then freed: the
+        plan copies them out before a later op or step can reuse them."""
         s = self._seq(slot)
         pos = [j for j, b in enumerate(s.blocks) if b.ref_cnt == 1]
-        ids = [s.blocks[j].block_id for j in pos]
-        ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        data = self.kv.index_select(2, ids).movedim(2, 0).contiguous()
-        buf = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.device.type == "cuda")
-        buf.copy_(data, non_blocking=True)
+        self._plan.ops.append(SwapOut(slot, tuple(s.blocks[j].block_id for j in pos)))
         for j in reversed(pos):
             b = s.blocks[j]
             self._decref(b)
             s.blocks[j] = None  # type: ignore[call-overload]
-        s.swap_pos, s.swap_buf, s.swapped = pos, buf, True
+        s.swap_pos, s.swapped = pos, True
         self.stats["swap_outs"] += 1
         self.stats["swap_bytes"] += len(pos) * self.bytes_per_block
 
@@ -279,12 +253,8 @@ class PagedKVCache:
             return False
         for j in s.swap_pos:
             s.blocks[j] = self._pop_free()
-        ids = torch.tensor(
-            [s.blocks[j].block_id for j in s.swap_pos], dtype=torch.long, device=self.device
-        )
-        assert s.swap_buf is not None
-        self.kv.index_copy_(2, ids, s.swap_buf.to(self.device, non_blocking=True).movedim(0, 2))
-        s.swap_pos, s.swap_buf, s.swapped = [], None, False
+        self._plan.ops.append(SwapIn(slot, tuple(s.blocks[j].block_id for j in s.swap_pos)))
+        s.swap_pos, s.swapped = [], False
         self.stats["swap_ins"] += 1
         return True
 
@@ -409,6 +379,7 @@ class PagedKVCache:
             return
         for s in self._seqs:
             self.free(s.index)
+        self._plan, self._swap = PagePlan(), {}
         self._closed = True
         self.kv_views = []
         self.kv = None  # type: ignore[assignment]

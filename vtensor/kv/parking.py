@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
+from vtensor.kv.plan import SwapDrop, SwapIn, SwapOut
 from vtensor.kv.slots import KVCacheBase, Slot, SlotState
 
 
@@ -56,10 +55,10 @@ class Parking(KVCacheBase):
         # keep pages through the valid tokens + lookahead: the next turn continues from there
         keep = self.layout.pages_for(min(len(s.tokens) + self.lookahead_tokens, self.max_tokens))
         if s.mapped > keep:
-            self._unmap_runs(slot, range(keep, s.mapped), self.backend.record_event())
+            self._unmap_runs(slot, range(keep, s.mapped))
             s.mapped = keep
         s.state, s.request_id = SlotState.PARKED, None
-        s.pending = None
+        s.pending = False
         s.num_tokens = len(s.tokens)
         self.tree.unpin(s.path)
         self.tree.clock += 1
@@ -67,15 +66,15 @@ class Parking(KVCacheBase):
         s.parked_private = s.mapped - s.tree_mapped
         self.parked_private_pages += s.parked_private
         self.parked[slot] = None
-        self.maybe_trim()
 
     def _drop(self, s: Slot) -> None:
         """Unmap everything of the slot (after the GPU is done with it), unlock its path."""
-        if self.copies:
-            self.drop_copies(s.index)
         if s.mapped:
-            mapped = [j for j in range(s.mapped) if self.vt.is_mapped(self.slot_page(s.index, j))]
-            self._unmap_runs(s.index, mapped, self.backend.record_event())
+            base = self.slot_page(s.index)
+            mapped = [j for j in range(s.mapped) if self.table.is_mapped(base + j)]
+            self._unmap_runs(s.index, mapped)
+        if s.state == SlotState.SWAPPED:
+            self.table.record(SwapDrop(s.index))
         if s.state == SlotState.PARKED:
             del self.parked[s.index]
             self.parked_private_pages -= s.parked_private
@@ -84,60 +83,45 @@ class Parking(KVCacheBase):
         s.state, s.request_id = SlotState.FREE, None
         s.mapped = s.tree_mapped = s.num_tokens = s.parked_private = 0
         s.path, s.tokens, s.swap_pages = [], [], []
-        s.pending, s.swap_buf = None, None
+        s.pending = False
         self.free_slots.append(s.index)
 
     def _private_pages(self, s: Slot) -> list[int]:
         out = []
         for j in range(s.mapped):
-            page = self.vt.page(self.slot_page(s.index, j))
+            page = self.table.page(self.slot_page(s.index, j))
             if page is not None and not (j < len(s.path) and s.path[j].page is page):
                 out.append(j)
         return out
 
     def swap_out(self, slot: int) -> None:
-        """Private pages -> (pinned) host memory, then unmapped; shared pages stay mapped."""
+        """Private pages -> host memory, then unmapped; shared pages stay mapped."""
         s = self._slot(slot, SlotState.ACTIVE)
-        self.wait_ready()  # the pages must be mapped (and written) before we read them
-        if s.pending is not None:  # lookahead pages too: they are copied like the others
-            s.pending.wait()
-            s.pending = None
-        ps = self.page_size
         pages = self._private_pages(s)
-        pin = self.backend.name == "cuda" and torch.cuda.is_available()
-        buf = torch.empty(len(pages) * ps, dtype=torch.uint8, pin_memory=pin)
-        for i, j in enumerate(pages):
-            off = self.slot_page(slot, j) * ps
-            buf[i * ps : (i + 1) * ps].copy_(self._bytes[off : off + ps], non_blocking=True)
-        self._unmap_runs(slot, pages, self.backend.record_event())  # after the copies
-        s.swap_pages, s.swap_buf = pages, buf
-        s.pending = None
+        self.table.record(SwapOut(slot, tuple(self.slot_page(slot, j) for j in pages)))
+        self._unmap_runs(slot, pages)  # the device copies before it unmaps
+        s.swap_pages = pages
+        s.pending = False
         s.state = SlotState.SWAPPED
         self._set_tail(s, None)  # its partial page is gone: no longer a copy source
         self.stats["swap_outs"] += 1
-        self.stats["swap_bytes"] += len(pages) * ps
+        self.stats["swap_bytes"] += len(pages) * self.page_size
 
     def swap_in(self, slot: int) -> bool:
         """Fresh pages at the same virtual addresses, data copied back. False: no room."""
         s = self._slot(slot, SlotState.SWAPPED)
-        pages, buf, ps = s.swap_pages, s.swap_buf, self.page_size
+        pages = s.swap_pages
         if not self._make_room(len(pages)):
             return False
-        tickets = []
         i = 0
         while i < len(pages):
             j = i + 1
             while j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
-            tickets.append(self._map(slot, pages[i], pages[j - 1] + 1))
+            self._map(slot, pages[i], pages[j - 1] + 1)
             i = j
-        for t in tickets:
-            t.wait()
-        assert buf is not None
-        for i, j in enumerate(pages):
-            off = self.slot_page(slot, j) * ps
-            self._bytes[off : off + ps].copy_(buf[i * ps : (i + 1) * ps], non_blocking=True)
-        s.swap_pages, s.swap_buf = [], None
+        self.table.record(SwapIn(slot, tuple(self.slot_page(slot, j) for j in pages)))
+        s.swap_pages = []
         s.state = SlotState.ACTIVE
         if self.enable_prefix_cache and s.tokens:
             self._set_tail(s, self.deepest(s))

@@ -14,13 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vtensor.kv.manager import Allocation
+from vtensor.kv.plan import Copy
 from vtensor.kv.radix import RadixNode
-from vtensor.kv.slots import KVCacheBase, PartialCopy, Slot, SlotState
-
-# Scratch ring entries: an entry is mapped again ~SCRATCH_PAGES copies later, by when the GPU
-# has long passed the event its unmap waits for (a smaller ring would make admissions wait for
-# the GPU). Address space only (2 MiB each).
-SCRATCH_PAGES = 256
+from vtensor.kv.slots import KVCacheBase, Slot, SlotState
 
 
 class PrefixSharing(KVCacheBase):
@@ -102,8 +98,7 @@ class PrefixSharing(KVCacheBase):
             return 0
         if a:
             self.stats["map_ops"] += a
-            pages = [node.page for node in path[:a]]
-            self._required.append(self.vt.map_pages(self.slot_page(s.index), pages))
+            self.table.map_pages(self.slot_page(s.index), [node.page for node in path[:a]])
         s.path = path[:a]
         s.tree_mapped = a
         s.mapped = a + (1 if partial else 0)
@@ -116,49 +111,22 @@ class PrefixSharing(KVCacheBase):
 
     def _copy_partial(self, slot: int, page: int, nbytes: int, source: object) -> None:
         """Fresh page `page` of `slot` gets the first nbytes of the same page of `source` (a
-        tree node, or another slot's page). No wait here: the source's physical page is mapped
-        into a scratch ring entry (which also holds a reference to it, so an eviction cannot
-        free it) and the copy is queued until wait_ready(), when both maps are done. Waiting
-        per copy used to drain the whole map queue once per admitted request."""
+        tree node, or another slot's page). The source is held (an eviction cannot free it)
+        until the copy ran: wait_ready() after the plan was taken and applied."""
         if isinstance(source, Slot):
-            src = self.vt.page(self.slot_page(source.index, page))
+            src = self.table.page(self.slot_page(source.index, page))
         else:
             assert isinstance(source, RadixNode)
             src = source.page
         assert src is not None
-        entry = self.scratch_next
-        if any(c.entry == entry for c in self.copies):  # ring wrapped within one step
-            self.wait_ready()
-        self.scratch_next = (entry + 1) % SCRATCH_PAGES
-        self._required.append(self.scratch.map_pages(entry, [src]))
-        self._required.append(self._map(slot, page, page + 1))
-        dst = self.slot_page(slot, page) * self.page_size
-        self.copies.append(PartialCopy(slot, entry, dst, nbytes))
-        self.stats["map_ops"] += 1
+        self.pool.incref(src)
+        self.copy_refs.append(src)
+        self._map(slot, page, page + 1)
+        self.table.record(Copy(src.index, self.slot_page(slot, page), nbytes))
+        self.stats["map_ops"] += 1  # the device maps the source into a scratch page...
+        self.stats["unmap_ops"] += 1  # ...and unmaps it behind the copy
         self.stats["copies"] += 1
         self.stats["copy_bytes"] += nbytes
-
-    def flush_copies(self) -> None:
-        """Queue the partial-page copies on the stream (their maps are done: wait_ready)."""
-        copies, self.copies = self.copies, []
-        ps = self.page_size
-        for c in copies:
-            src = self.scratch_bytes[c.entry * ps : c.entry * ps + c.nbytes]
-            self._bytes[c.dst : c.dst + c.nbytes].copy_(src, non_blocking=True)
-        for c in copies:  # behind the copies: the ring entry's page reference goes then
-            self.scratch.unmap(c.entry, c.entry + 1, after=self.backend.record_event())
-            self.stats["unmap_ops"] += 1
-
-    def drop_copies(self, slot: int) -> None:
-        """The slot goes away before its copies ran: forget them (nothing read the sources)."""
-        keep = []
-        for c in self.copies:
-            if c.slot == slot:
-                self.scratch.unmap(c.entry, c.entry + 1)
-                self.stats["unmap_ops"] += 1
-            else:
-                keep.append(c)
-        self.copies = keep
 
     def cache_prefix(self, slot: int, token_ids: Sequence[int]) -> None:
         s = self._slot(slot, SlotState.ACTIVE)
@@ -174,7 +142,7 @@ class PrefixSharing(KVCacheBase):
                 key = self.tree.chunk(token_ids, j)
                 child = node.children.get(key)
                 if child is None:
-                    page = self.vt.page(self.slot_page(slot, j))
+                    page = self.table.page(self.slot_page(slot, j))
                     self.pool.incref(page)  # the tree's reference
                     child = self.tree.insert(node, key, page)
                     s.tree_mapped += 1

@@ -13,12 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-import torch
-
+from vtensor.kv.applier import PlanApplier
 from vtensor.kv.layout import KVLayout, KVSpec
 from vtensor.kv.manager import SlotStateError
+from vtensor.kv.pagetable import PageTable
+from vtensor.kv.plan import PagePlan
 from vtensor.kv.radix import RadixNode, RadixTree
-from vtensor.vmm import Backend, Mapper, PagePool, Ticket, VirtualTensor
+from vtensor.vmm import Backend, PagePool, PhysPage
 
 
 class SlotState(IntEnum):
@@ -26,17 +27,6 @@ class SlotState(IntEnum):
     ACTIVE = 1
     PARKED = 2  # finished, pages kept for conversation affinity; evictable
     SWAPPED = 3  # private pages in host memory, shared pages still mapped
-
-
-@dataclass(slots=True)
-class PartialCopy:
-    """The first `nbytes` of scratch ring entry `entry` go to byte `dst` of the KV (a new page of
-    `slot`), once the maps of both are done."""
-
-    slot: int
-    entry: int
-    dst: int
-    nbytes: int
 
 
 @dataclass(slots=True, eq=False)
@@ -52,10 +42,9 @@ class Slot:
     tail: RadixNode | None = None  # node whose `tails` holds this slot (deepest path node)
     parked_at: int = 0
     parked_private: int = 0  # private pages counted as evictable while parked
-    pending: Ticket | None = None  # lookahead map work not yet required by ensure()
-    pending_first: int = 0  # first slot page of that work
+    pending: bool = False  # pages [pending_first, mapped) were mapped ahead: no Need yet
+    pending_first: int = 0
     swap_pages: list[int] = field(default_factory=list)  # slot pages swapped out
-    swap_buf: torch.Tensor | None = None  # host copy [len(swap_pages) * page_size] uint8
 
 
 class KVCacheBase:
@@ -68,13 +57,11 @@ class KVCacheBase:
     enable_prefix_cache: bool
     lookahead_tokens: int
     idle_trim_seconds: float | None
-    pool: PagePool
-    mapper: Mapper | None
-    vt: VirtualTensor  # the KV reservation
-    scratch: VirtualTensor  # a ring of pages: partial-page copy sources (see prefix.py)
-    scratch_bytes: torch.Tensor  # uint8 view of the whole ring
-    scratch_next: int  # next ring entry
-    copies: list[PartialCopy]  # queued for wait_ready(): their maps must be done first
+    pool: PagePool  # accounting: logical ids under the budget (pagetable.py)
+    table: PageTable  # which id is mapped where; records the pending plan
+    applier: PlanApplier  # this device: reservation, pages, mapper, copies
+    copy_refs: list[PhysPage]  # sources of recorded copies, held until their copy ran
+    taken_refs: list[PhysPage]  # those of plans already taken: released by wait_ready()
     tree: RadixTree
     slots: list[Slot]
     free_slots: deque[int]  # FIFO: the slot freed longest ago is reused first
@@ -82,10 +69,20 @@ class KVCacheBase:
     parked_private_pages: int  # sum of parked slots' parked_private
     stats: dict[str, int]
     series: list[dict]
-    _bytes: torch.Tensor  # uint8 view of the whole reservation
-    _required: list[Ticket]  # map work the next step needs
     _last_alloc: float
     _closed: bool
+
+    # ---- plans (plan.py) ----
+    def take_plan(self) -> PagePlan:
+        """The device work recorded since the last call; its copy sources stay held until
+        the wait_ready() after it was applied."""
+        self.taken_refs += self.copy_refs
+        self.copy_refs = []
+        return self.table.take()
+
+    def apply(self, plan: PagePlan) -> None:
+        """Start a plan's device work on this device (maps run ahead on the mapper thread)."""
+        self.applier.apply(plan)
 
     # ---- small helpers ----
     def slot_page(self, slot: int, page: int = 0) -> int:
@@ -104,20 +101,21 @@ class KVCacheBase:
             raise SlotStateError(f"slot {slot} is {s.state.name}, expected {names}")
         return s
 
-    def _map(self, slot: int, first: int, last: int) -> Ticket:
+    def _map(self, slot: int, first: int, last: int, ahead: bool = False) -> None:
         self._last_alloc = time.monotonic()
         self.stats["map_ops"] += last - first
-        return self.vt.map(self.slot_page(slot, first), self.slot_page(slot, last))
+        self.table.map(self.slot_page(slot, first), self.slot_page(slot, last), ahead)
 
-    def _unmap_runs(self, slot: int, pages: Sequence[int], after: object | None) -> None:
-        """Unmap the given slot pages (sorted), one call per consecutive run."""
+    def _unmap_runs(self, slot: int, pages: Sequence[int]) -> None:
+        """Unmap the given slot pages (sorted), one op per consecutive run; the device unmaps
+        them once the GPU is done with the kernels queued before the plan is applied."""
         i = 0
         while i < len(pages):
             j = i + 1
             while j < len(pages) and pages[j] == pages[j - 1] + 1:
                 j += 1
             first, last = self.slot_page(slot, pages[i]), self.slot_page(slot, pages[j - 1] + 1)
-            self.vt.unmap(first, last, after=after)
+            self.table.unmap(first, last)
             self.stats["unmap_ops"] += j - i
             i = j
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from vtensor.kv.plan import Release
 from vtensor.kv.slots import KVCacheBase, SlotState
 
 
@@ -18,9 +19,15 @@ class Telemetry(KVCacheBase):
         return self.trim()
 
     def trim(self) -> int:
-        n = self.pool.trim(0)
-        self.stats["trimmed_pages"] += n
-        return n
+        """Free ids go (accounting), and this device gives their memory back now: the pending
+        plan is applied with the Release last (trim is device-side, like wait_ready)."""
+        ids = self.pool.trim_pages(0)
+        if ids:
+            self.table.record(Release(tuple(ids)))
+            self.stats["trimmed_pages"] += len(ids)
+        if self.table.plan:
+            self.apply(self.take_plan())
+        return len(ids)
 
     def snapshot(self) -> dict:
         """Telemetry. pages_*: created (ever), live (exist now: in use + idle in the pool),
@@ -31,6 +38,7 @@ class Telemetry(KVCacheBase):
         (mapped - live = fragmentation + prefix cache + parked). Counters: see `stats`."""
         ps, bpt = self.page_size, self.layout.bytes_per_token
         pst = self.pool.stats()
+        mapper = self.applier.mapper
         live = [s for s in self.slots if s.state in (SlotState.ACTIVE, SlotState.SWAPPED)]
         live_tokens = sum(s.num_tokens for s in live)
         nodes = self.tree.num_nodes
@@ -54,9 +62,9 @@ class Telemetry(KVCacheBase):
             "slots_active": sum(s.state == SlotState.ACTIVE for s in self.slots),
             "slots_parked": len(self.parked),
             "slots_swapped": sum(s.state == SlotState.SWAPPED for s in self.slots),
-            "mapper_wait_s": self.mapper.wait_seconds if self.mapper is not None else 0.0,
-            "mapper_busy_s": self.mapper.busy_seconds if self.mapper is not None else 0.0,
-            "unmap_event_wait_s": self.vt.event_wait_seconds,
+            "mapper_wait_s": mapper.wait_seconds if mapper is not None else 0.0,
+            "mapper_busy_s": mapper.busy_seconds if mapper is not None else 0.0,
+            "unmap_event_wait_s": self.applier.vt.event_wait_seconds,
             **self.stats,
         }
         q = self.stats["query_tokens"]

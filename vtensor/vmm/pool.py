@@ -125,10 +125,15 @@ class PagePool:
     # ---- elasticity ----
     def trim(self, keep_free: int = 0) -> int:
         """Release idle pages beyond `keep_free` (oldest-freed first). Returns how many."""
+        return len(self.trim_pages(keep_free))
+
+    def trim_pages(self, keep_free: int = 0) -> list[int]:
+        """trim(), returning the indices of the pages released (an index may be reused by a
+        page created later)."""
         self._check_open()
         n = len(self._free) - max(keep_free, 0)
         if n <= 0:
-            return 0
+            return []
         self._drain_mappers()
         victims, self._free = self._free[:n], self._free[n:]  # bottom of the LIFO = coldest
         for i, page in enumerate(victims):
@@ -138,7 +143,7 @@ class PagePool:
                 self._free = victims[i:] + self._free  # keep the unreleased ones
                 raise
             self._forget(page)
-        return n
+        return [p.index for p in victims]
 
     def _forget(self, page: PhysPage) -> None:
         self._pages[page.index] = None
