@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -325,7 +326,7 @@ def serve_args(spec: ModelSpec, system: str, max_model_len: int, args) -> list[s
         a += ["--kv-memory", str(args.kv_memory)]
     if args.max_num_seqs is not None:
         a += ["--max-num-seqs", str(args.max_num_seqs)]
-    return a
+    return a + list(args.serve_extra)
 
 
 def _encoder(spec: ModelSpec):
@@ -453,6 +454,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--inprocess", action="store_true", help="no worker subprocesses")
     p.add_argument("--kv-memory", default=None, help="KV budget passed to both KV modes")
     p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--serve-extra", type=shlex.split, default=[],
+                   help="more `vtensor serve` arguments (online phase), one string")  # fmt: skip
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--hf-weights", default="real", choices=["real", "random"],
                    help="HF baseline weights (random: same shapes, faster to load)")  # fmt: skip

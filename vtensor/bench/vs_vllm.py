@@ -38,6 +38,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -290,6 +291,7 @@ def run_online_step(step: Step, wls, out: Path, cap: float, args) -> dict:
     deadline = time.time() + cap
     results: dict = {"workloads": {w.name: {"online": {}} for w in wls}, "notes": []}
     ns = argparse.Namespace(device="auto", kv_memory=None, max_num_seqs=None, seed=args.seed,
+                            serve_extra=args.vtensor_serve_args,
                             rate=args.rate, rate_conv=args.rate_conv,
                             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)  # fmt: skip
     systems = [x.strip() for x in args.online_systems.split(",") if x.strip()]
@@ -567,6 +569,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--equal-memory-util", type=float, default=None,
                    help="vLLM's gpu_memory_utilization for the equal-memory step (default: "
                         "vtensor's measured peak / total)")  # fmt: skip
+    p.add_argument("--vtensor-serve-args", type=shlex.split, default=[],
+                   help="more `vtensor serve` arguments (online step), one string")  # fmt: skip
     p.add_argument("--vtensor-engine-args", type=_kv_pairs, default={},
                    help="k=v,... for vtensor's engine (default: its defaults)")  # fmt: skip
     p.add_argument("--rate", type=float, default=16.0, help="online requests/s")

@@ -71,6 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with an error chunk (30)",
     )
     p.add_argument(
+        "--gil-switch-ms",
+        type=float,
+        default=0.5,
+        help="Python's thread switch interval (0.5): the engine thread shares the interpreter "
+        "with the HTTP event loop, and at Python's default (5) a busy event loop can hold the "
+        "engine off the GIL for most of a decode step",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -167,6 +175,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("vtensor serve: --max-waiting must be >= 0")
     if args.drain_timeout < 0:
         raise SystemExit("vtensor serve: --drain-timeout must be >= 0")
+    if not args.gil_switch_ms > 0:
+        raise SystemExit("vtensor serve: --gil-switch-ms must be > 0")
+    sys.setswitchinterval(args.gil_switch_ms / 1e3)
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:
