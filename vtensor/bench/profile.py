@@ -153,6 +153,18 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def engine_kwargs(text: str, layers: int | None = None) -> dict[str, Any]:
+    """`--engine-args k=v,...` (ints and true/false converted) and `--layers N` -> LLMEngine
+    keyword arguments."""
+    kw: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        kw[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+    if layers:
+        kw["config_overrides"] = {"num_layers": layers}
+    return kw
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vtensor bench profile", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3-8b", help="dummy-weight preset")
@@ -165,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-launches", action="store_true", help="skip the per-layer count")
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    kw: dict[str, Any] = {}
-    for item in filter(None, a.engine_args.split(",")):
-        k, _, v = item.partition("=")
-        kw[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v.lower(), v)
-    if a.layers:
-        kw["config_overrides"] = {"num_layers": a.layers}
+    kw = engine_kwargs(a.engine_args, a.layers)
     res = profile_run(a.model, a.workload, a.requests, a.warmup_steps, a.steps, kw)
     if not a.no_launches and torch.cuda.is_available():
         from vtensor.bench.fused import count_launches

@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plot(res, Path(a.plot_only).with_suffix(".png")))
         return 0
 
+    from vtensor.bench.profile import engine_kwargs
     from vtensor.bench.vs_vllm import build_workloads, spec_for
     from vtensor.engine import LLMEngine
 
@@ -358,11 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     kw: dict[str, Any] = dict(
         model=spec.model, load_format=spec.load_format, dtype=spec.dtype, max_model_len=max_len
     )
-    for item in filter(None, a.engine_args.split(",")):
-        k, _, v = item.partition("=")
-        kw[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v.lower(), v)
-    if a.layers:
-        kw["config_overrides"] = {"num_layers": a.layers}
+    kw.update(engine_kwargs(a.engine_args, a.layers))
     eng = LLMEngine(**kw)
     cfg = eng.model_config
     bpt = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * eng.model.dtype.itemsize

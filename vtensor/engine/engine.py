@@ -15,7 +15,7 @@ import torch
 
 from vtensor.engine.args import EngineArgs, is_path, parse_memory
 from vtensor.engine.config import EngineConfig
-from vtensor.engine.errors import ErrorKind, RequestError
+from vtensor.engine.errors import ErrorKind, RequestError, is_device_error
 from vtensor.engine.inflight import PLACEHOLDER, InFlight, TokenFill
 from vtensor.engine.outputs import RequestOutput, make_output
 from vtensor.engine.runner import ModelRunner
@@ -29,11 +29,6 @@ log = logging.getLogger(__name__)
 
 # Model steps that may fail in a row (each failing its requests) before the engine gives up.
 _MAX_FAILURES_IN_A_ROW = 3
-
-
-def _is_fatal(e: BaseException) -> bool:
-    """A device error leaves the CUDA context unusable: no request can be served after it."""
-    return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)
 
 
 __all__ = ["EngineArgs", "LLMEngine", "parse_memory"]
@@ -282,7 +277,7 @@ class LLMEngine:
             try:
                 groups.append(([seq], self.sampler(logits[j : j + 1], [seq])))
             except Exception as e:
-                if _is_fatal(e):
+                if is_device_error(e):
                     raise
                 log.exception("sampling failed for request %s", seq.request_id)
                 msg = "sampling failed for this request's parameters"
@@ -330,7 +325,7 @@ class LLMEngine:
         """The model step failed: its requests end with an error, the engine goes on, unless
         the device is broken or steps keep failing (then the caller's loop sees the error)."""
         self._failures_in_a_row += 1
-        if _is_fatal(e) or self._failures_in_a_row > _MAX_FAILURES_IN_A_ROW:
+        if is_device_error(e) or self._failures_in_a_row > _MAX_FAILURES_IN_A_ROW:
             raise e
         log.exception("a step of %d requests failed; failing them", len(seqs))
         err = RequestError(ErrorKind.INTERNAL, "the engine failed while computing this request")

@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+import torch
+
+
+def is_device_error(e: BaseException) -> bool:
+    """A device error leaves the CUDA context unusable: no request can be served after it."""
+    return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)
+
 
 class ErrorKind(StrEnum):
     TOO_LARGE = "too_large"  # needs more KV than the cache can ever give it: a client error
