@@ -352,7 +352,9 @@ def _encoder(spec: ModelSpec):
 def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
     import importlib.util
 
-    from vtensor.bench.online import ServerProcess, VLLMServer, run_online
+    import httpx
+
+    from vtensor.bench.online import ServerProcess, VLLMServer, engine_step_stats, run_online
     from vtensor.bench.vllm_system import ONLINE_EXTRA_BODY, parse_backend, vllm_unavailable
 
     if system == "vllm":
@@ -410,6 +412,8 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
                                  extra_body=extra)  # fmt: skip
                 rec["system"] = system
                 rec["retokenized_replies"] = encode is not None
+                if system != "vllm":  # where the server's engine spent its steps
+                    rec["engine"] = engine_step_stats(httpx.get(srv.base_url + "/metrics").text)
                 rec["server_startup_s"] = round(startup_s, 1)
                 if system == "vllm":
                     text = Path(log_path).read_text(errors="replace")

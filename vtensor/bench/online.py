@@ -153,6 +153,31 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+def engine_step_stats(metrics_text: str) -> dict | None:
+    """From `vtensor serve`'s /metrics: its engine's steps, and host ms per step by phase
+    (`wait`: blocked on the GPU; a wait share near 1 means the run was GPU-bound). None for a
+    server without these metrics (vLLM)."""
+    steps: dict[str, float] = {}
+    host: dict[str, float] = {}
+    series = (("vtensor:engine_steps_total{", steps, "kind"),
+              ("vtensor:engine_host_seconds_total{", host, "phase"))  # fmt: skip
+    for line in metrics_text.splitlines():
+        for prefix, into, label in series:
+            if line.startswith(prefix):
+                labels, _, value = line[len(prefix):].partition("} ")
+                key = labels.removeprefix(f'{label}="').removesuffix('"')
+                into[key] = float(value)
+    n = sum(steps.values())
+    if not n or not host:
+        return None
+    busy = sum(v for k, v in host.items() if k != "wait")  # process includes wait
+    return {
+        "steps": {k: int(v) for k, v in steps.items()},
+        "host_ms_per_step": {k: round(1e3 * v / n, 3) for k, v in host.items()},
+        "wait_share": round(host.get("wait", 0.0) / busy, 4) if busy else None,
+    }
+
+
 def metrics_probe(base_url: str) -> Callable[[], dict]:
     client = httpx.Client(timeout=2.0)
 

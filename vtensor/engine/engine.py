@@ -383,7 +383,7 @@ class LLMEngine:
         out = {
             "running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped),
             "num_preemptions": s.num_preemptions, **self.counters,
-            "cuda_graphs": sorted(self.runner.graphs),
+            "host_s": dict(self.timing), "cuda_graphs": sorted(self.runner.graphs),
         }  # fmt: skip
         if include_kv:
             out["kv"] = self.kv_cache.snapshot()

@@ -118,6 +118,20 @@ class ServerMetrics:
                self.ttft.lines(f"{PREFIX}time_to_first_token_seconds"))  # fmt: skip
         metric("time_per_output_token_seconds", "histogram", "Time per output token after "
                "the first.", self.tpot.lines(f"{PREFIX}time_per_output_token_seconds"))  # fmt: skip
+        # the engine's steps and its host time per phase of a step (wait: blocked on the GPU
+        # for sampled ids): wait / steps near the step time means GPU-bound, near 0 host-bound
+        steps = {k: _get(s, f"{k}_steps") for k in ("prefill", "decode")}
+        if None not in steps.values():
+            metric("engine_steps_total", "counter", "Engine steps by kind (with prefill or "
+                   "decode only).", [f'{PREFIX}engine_steps_total{{kind="{k}"}} {v}'
+                                     for k, v in steps.items()])  # fmt: skip
+        host = {k.removesuffix("_s"): v for k, v in (s.get("host_s") or {}).items()
+                if _get(s["host_s"], k) is not None}  # fmt: skip
+        if host:
+            name = f"{PREFIX}engine_host_seconds_total"
+            samples = [f'{name}{{phase="{_esc(k)}"}} {_fmt(v)}' for k, v in sorted(host.items())]
+            metric("engine_host_seconds_total", "counter", "Engine thread time per phase of "
+                   "a step; wait = blocked on the GPU.", samples)  # fmt: skip
         gauge("kv_pages_in_use", "Physical KV pages mapped to live requests.",
               _get(kv, "pages_in_use"))  # fmt: skip
         gauge("kv_pages_cached", "Physical KV pages held only by the prefix cache / parked slots.",
