@@ -178,6 +178,26 @@ def test_completion_stream_matches_full(client, url):
     assert "usage" not in json.loads(events[0]) or json.loads(events[0])["usage"] is None
 
 
+def test_completion_return_token_ids(server, url):
+    """vLLM's return_token_ids: the exact ids, whole or per chunk, and the prompt's."""
+    tok = server.engine.tokenizer
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0,
+            "return_token_ids": True}  # fmt: skip
+    full = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    (c,) = full["choices"]
+    assert len(c["token_ids"]) == full["usage"]["completion_tokens"] == 12
+    assert tok.decode(c["token_ids"]) == c["text"]
+    assert c["prompt_token_ids"] == tok.encode("Once upon a time", add_special_tokens=True)
+    raw = httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(e) for e in sse_events(raw.text)[:-1]]
+    streamed = [i for ch in chunks for i in ch["choices"][0]["token_ids"]]
+    assert streamed == c["token_ids"]
+    assert all(ch["choices"][0]["prompt_token_ids"] is None for ch in chunks)
+    plain = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": False},
+                       timeout=60).json()  # fmt: skip
+    assert plain["choices"][0]["token_ids"] is None and plain["choices"][0]["text"] == c["text"]
+
+
 def test_chat_and_stream(client, url):
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     full = chat(client, msgs, max_tokens=12)

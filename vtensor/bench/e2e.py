@@ -329,26 +329,6 @@ def serve_args(spec: ModelSpec, system: str, max_model_len: int, args) -> list[s
     return a + list(args.serve_extra)
 
 
-def _encoder(spec: ModelSpec):
-    """Tokenizer for re-tokenizing replies in online multi-turn; None if unavailable or if it
-    does not round-trip plain ids (then the client keeps the history's length with filler)."""
-    try:
-        from vtensor.model import load_tokenizer
-
-        tok = load_tokenizer(spec.model)
-        n = len(tok)
-        ids = [n // 3, n // 2, n - 1]
-        # our word-level dummy tokenizers must round-trip; a real one need not (BPE re-merges)
-        if (
-            spec.load_format == "dummy"
-            and tok.encode(tok.decode(ids), add_special_tokens=False) != ids
-        ):
-            return None
-        return lambda text: list(tok.encode(text, add_special_tokens=False))
-    except Exception:
-        return None
-
-
 def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> None:
     import importlib.util
 
@@ -385,14 +365,14 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
         max_len = max(w.max_context() for w in wls)
     log_path = str(Path(work_dir) / f"serve_{system}.log")
     startup = max(30.0, deadline - time.time())
-    if system == "vllm":  # token ids come back in the stream: no re-tokenizing
-        encode, extra = None, ONLINE_EXTRA_BODY
+    # both servers stream the reply's ids (return_token_ids): the client resends each
+    # system's exact history, with no re-tokenizing on either side
+    extra = ONLINE_EXTRA_BODY
+    if system == "vllm":
         server = VLLMServer(spec.model, max_model_len=max_len, dtype=spec.dtype,
                             load_format=spec.load_format, startup_timeout=startup,
                             log_path=log_path)  # fmt: skip
     else:
-        encode = _encoder(spec) if any(w.multi_turn for w in wls) else None
-        extra = None
         server = ServerProcess(serve_args(spec, system, max_len, args), log_path=log_path,
                                startup_timeout=startup)  # fmt: skip
     try:
@@ -408,10 +388,9 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
                 dl = time.perf_counter() + (deadline - time.time())
                 rec = run_online(srv.base_url, "bench", wl, rate=rate, seed=args.seed,
                                  slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                                 encode=encode, deadline=dl, rss_pid=srv.proc.pid,
+                                 deadline=dl, rss_pid=srv.proc.pid,
                                  extra_body=extra)  # fmt: skip
                 rec["system"] = system
-                rec["retokenized_replies"] = encode is not None
                 if system != "vllm":  # where the server's engine spent its steps
                     rec["engine"] = engine_step_stats(httpx.get(srv.base_url + "/metrics").text)
                 rec["server_startup_s"] = round(startup_s, 1)

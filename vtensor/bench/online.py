@@ -398,6 +398,8 @@ def run_online(
         "ttft_ms": _percentiles([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _percentiles([r.tpot for r in ok if r.tpot is not None]),
         "e2e_ms": _percentiles([r.e2e for r in ok]),
+        # replies the server returned as ids (multi-turn history resent exactly, no re-encode)
+        "server_token_ids": sum(r.token_ids is not None for r in ok) / len(ok) if ok else None,
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
         "goodput_rps": len(good) / elapsed if elapsed > 0 else None,
         "slo_attainment": len(good) / len(records) if records else None,

@@ -146,6 +146,9 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
+    # vLLM's extension: each choice also carries its token ids (streaming: the new ones per
+    # chunk), so a client can resend the exact history without re-tokenizing text
+    return_token_ids: bool = False
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -161,6 +164,8 @@ class CompletionResponseChoice(OpenAIModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (not in stream chunks)
 
 
 class CompletionResponse(OpenAIModel):

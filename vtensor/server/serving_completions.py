@@ -114,6 +114,7 @@ class OpenAIServingCompletion(OpenAIServing):
             lps = None
             if req.logprobs is not None:
                 lps = self._logprobs(s, 0, s.num_tokens, req.logprobs, len(pre))
+            ids = req.return_token_ids
             choices.append(
                 CompletionResponseChoice(
                     index=s.index,
@@ -121,6 +122,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     logprobs=lps,
                     finish_reason=finish_reason(out),
                     stop_reason=stop_reason(out),
+                    token_ids=list(out.outputs[0].token_ids) if ids else None,
+                    prompt_token_ids=list(s.prompt_ids) if ids else None,
                 )
             )
         return CompletionResponse(
@@ -140,6 +143,7 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> AsyncIterator[str]:
         rid = random_id("cmpl")
         sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
+        sent_ids = [0] * len(subs)  # tokens whose ids were streamed (return_token_ids)
         offset = [len(echo[s.index // req.n]) for s in subs]
         async with aclosing(it):
             for s in subs:  # echo goes first, in its own chunk per choice
@@ -152,7 +156,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     offset[i] += sum(len(t) for t in lps.tokens)
                     sent_tok[i] = s.num_tokens
                 sr = stop_reason(s.last) if fr else None
-                yield sse(self._chunk(rid, i, delta, lps, fr, sr))
+                ids = None
+                if req.return_token_ids:
+                    ids = list(s.last.outputs[0].token_ids[sent_ids[i] :])
+                    sent_ids[i] += len(ids)
+                yield sse(self._chunk(rid, i, delta, lps, fr, sr, ids))
         if req.stream_options and req.stream_options.include_usage:
             usage = make_usage(subs, req.n)
             yield sse(
@@ -161,13 +169,16 @@ class OpenAIServingCompletion(OpenAIServing):
                 )
             )
 
-    def _chunk(self, rid, index, text, lps=None, fr=None, sr=None) -> CompletionStreamResponse:
+    def _chunk(
+        self, rid, index, text, lps=None, fr=None, sr=None, ids=None
+    ) -> CompletionStreamResponse:
         return CompletionStreamResponse(
             id=rid,
             model=self.served_model_name,
             choices=[
                 CompletionResponseChoice(
-                    index=index, text=text, logprobs=lps, finish_reason=fr, stop_reason=sr
+                    index=index, text=text, logprobs=lps, finish_reason=fr, stop_reason=sr,
+                    token_ids=ids,
                 )
             ],
         )
