@@ -196,6 +196,16 @@ def test_completion_return_token_ids(server, url):
     plain = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": False},
                        timeout=60).json()  # fmt: skip
     assert plain["choices"][0]["token_ids"] is None and plain["choices"][0]["text"] == c["text"]
+    # chat: the same fields; the prompt's ids are the templated conversation's
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6,
+            "temperature": 0, "return_token_ids": True}  # fmt: skip
+    full = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    ids = full["choices"][0]["token_ids"]
+    assert len(ids) == full["usage"]["completion_tokens"] == 6
+    assert len(full["prompt_token_ids"]) == full["usage"]["prompt_tokens"]
+    raw = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(e) for e in sse_events(raw.text)[:-1]]
+    assert [i for ch in chunks for i in (ch["choices"][0]["token_ids"] or [])] == ids
 
 
 def test_chat_and_stream(client, url):

@@ -134,6 +134,9 @@ class SamplingFields(RequestModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=MAX_REPETITION_PENALTY)] | None = None
     ignore_eos: bool = False
+    # vLLM's extension: each choice also carries its token ids (streaming: the new ones per
+    # chunk) and the response its prompt's, so a client can resend the exact history
+    return_token_ids: bool = False
 
 
 # ----------------------------------------------------------------------------- completions
@@ -146,9 +149,6 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
-    # vLLM's extension: each choice also carries its token ids (streaming: the new ones per
-    # chunk), so a client can resend the exact history without re-tokenizing text
-    return_token_ids: bool = False
 
 
 class CompletionLogProbs(OpenAIModel):
@@ -244,6 +244,7 @@ class ChatCompletionResponseChoice(OpenAIModel):
     logprobs: ChatLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletionResponse(OpenAIModel):
@@ -253,6 +254,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: the templated prompt
 
 
 class DeltaMessage(OpenAIModel):
@@ -266,6 +268,7 @@ class ChatCompletionResponseStreamChoice(OpenAIModel):
     logprobs: ChatLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: this chunk's new ids
 
 
 class ChatCompletionStreamResponse(OpenAIModel):

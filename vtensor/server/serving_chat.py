@@ -29,6 +29,7 @@ from vtensor.server.protocol import (
 from vtensor.server.serving_engine import (
     OpenAIServing,
     finish_reason,
+    new_token_ids,
     sse,
     stop_reason,
     text_deltas,
@@ -121,6 +122,7 @@ class OpenAIServingChat(OpenAIServing):
                     logprobs=lps,
                     finish_reason=finish_reason(out),
                     stop_reason=stop_reason(out),
+                    token_ids=list(out.outputs[0].token_ids) if req.return_token_ids else None,
                 )
             )
         return ChatCompletionResponse(
@@ -128,6 +130,7 @@ class OpenAIServingChat(OpenAIServing):
             model=self.served_model_name,
             choices=choices,
             usage=make_usage(subs, req.n),
+            prompt_token_ids=list(subs[0].prompt_ids) if req.return_token_ids else None,
         )
 
     async def _stream(
@@ -139,6 +142,7 @@ class OpenAIServingChat(OpenAIServing):
     ) -> AsyncIterator[str]:
         rid = random_id("chatcmpl")
         sent_tok = [0] * len(subs)  # tokens whose logprobs were streamed
+        sent_ids = [0] * len(subs)  # tokens whose ids were streamed (return_token_ids)
         async with aclosing(it):
             for s in subs:  # OpenAI opens every choice with an empty assistant delta
                 yield sse(self._chunk(rid, s.index, DeltaMessage(role="assistant", content="")))
@@ -148,7 +152,8 @@ class OpenAIServingChat(OpenAIServing):
                     lps = self._logprobs(s, sent_tok[i], s.num_tokens, req.top_logprobs or 0)
                     sent_tok[i] = s.num_tokens
                 sr = stop_reason(s.last) if fr else None
-                yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr))
+                ids = new_token_ids(s, sent_ids) if req.return_token_ids else None
+                yield sse(self._chunk(rid, i, DeltaMessage(content=delta), lps, fr, sr, ids))
         if req.stream_options and req.stream_options.include_usage:
             usage = make_usage(subs, req.n)
             yield sse(
@@ -157,13 +162,16 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
 
-    def _chunk(self, rid, index, delta, lps=None, fr=None, sr=None) -> ChatCompletionStreamResponse:
+    def _chunk(
+        self, rid, index, delta, lps=None, fr=None, sr=None, ids=None
+    ) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
             id=rid,
             model=self.served_model_name,
             choices=[
                 ChatCompletionResponseStreamChoice(
-                    index=index, delta=delta, logprobs=lps, finish_reason=fr, stop_reason=sr
+                    index=index, delta=delta, logprobs=lps, finish_reason=fr, stop_reason=sr,
+                    token_ids=ids,
                 )
             ],
         )

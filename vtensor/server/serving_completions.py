@@ -19,6 +19,7 @@ from vtensor.server.protocol import (
 from vtensor.server.serving_engine import (
     OpenAIServing,
     finish_reason,
+    new_token_ids,
     sse,
     stop_reason,
     text_deltas,
@@ -156,10 +157,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     offset[i] += sum(len(t) for t in lps.tokens)
                     sent_tok[i] = s.num_tokens
                 sr = stop_reason(s.last) if fr else None
-                ids = None
-                if req.return_token_ids:
-                    ids = list(s.last.outputs[0].token_ids[sent_ids[i] :])
-                    sent_ids[i] += len(ids)
+                ids = new_token_ids(s, sent_ids) if req.return_token_ids else None
                 yield sse(self._chunk(rid, i, delta, lps, fr, sr, ids))
         if req.stream_options and req.stream_options.include_usage:
             usage = make_usage(subs, req.n)

@@ -251,6 +251,13 @@ async def _chain(
         yield x
 
 
+def new_token_ids(s: SubRequest, sent: list[int]) -> list[int]:
+    """Choice s's output ids not streamed yet (return_token_ids); marks them sent."""
+    ids = list(s.last.outputs[0].token_ids[sent[s.index] :])
+    sent[s.index] += len(ids)
+    return ids
+
+
 def sse(obj: BaseModel | str) -> str:
     """One server-sent event carrying a JSON object (a pydantic model or a plain string)."""
     data = obj if isinstance(obj, str) else obj.model_dump_json()
