@@ -86,13 +86,20 @@ def plan(quick: bool) -> list[Stage]:
     ]
 
 
+def by_name(items: list, names: str | None, what: str) -> list:
+    """The items (anything with a `.name`) named in `names` ("a,b"; None: all), in plan order;
+    SystemExit naming any unknown one."""
+    if not names:
+        return items
+    want = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(want) - {s.name for s in items})
+    if unknown:
+        raise SystemExit(f"unknown {what}(s) {unknown}; have {[s.name for s in items]}")
+    return [s for s in items if s.name in want]
+
+
 def select(stages: list[Stage], names: str | None, part: str | None) -> list[Stage]:
-    if names:
-        want = [n.strip() for n in names.split(",") if n.strip()]
-        unknown = sorted(set(want) - {s.name for s in stages})
-        if unknown:
-            raise SystemExit(f"unknown stage(s) {unknown}; have {[s.name for s in stages]}")
-        stages = [s for s in stages if s.name in want]
+    stages = by_name(stages, names, "stage")
     if part:
         try:
             k, n = (int(x) for x in part.split("/"))

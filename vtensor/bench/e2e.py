@@ -30,6 +30,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -218,6 +219,29 @@ def run_system(system: str, spec: ModelSpec, wls: list[W.Workload], args, deadli
                 _write_json(out_path, res)
     finally:
         sysobj.close()
+    return res
+
+
+def run_workloads(system, wls: list[W.Workload], res: dict, out_path: str | os.PathLike, *,
+                  reset: Callable[[], object], log: Callable[[str], None], label: str,
+                  sample_interval: float = 0.1) -> dict:  # fmt: skip
+    """A worker's loop (vtensor's and vLLM's alike): warm up, then each workload after
+    `reset()` (the prefix cache), its record in res["workloads"]; `out_path` is rewritten after
+    each, so a worker killed at its cap keeps the workloads it finished."""
+    system.generate([W.warmup_prompt(wls)], [4])
+    _write_json(out_path, res)
+    for wl in wls:
+        reset()
+        log(f"{wl.name}: {wl.stats()}")
+        try:
+            r = run_offline(system, wl, sample_interval=sample_interval)
+        except Exception as e:  # one workload failing must not lose the others
+            r = {"system": label, "error": f"{type(e).__name__}: {str(e)[-500:]}"}
+        res["workloads"][wl.name] = r
+        log(f"{wl.name} done: " + (r.get("error") or f"{r['output_tokens_per_s']:.1f} out tok/s, "
+            f"{r['elapsed_s']:.1f} s, peak "
+            f"{(r['memory'].get('device_used_peak') or 0) / 2**30:.1f} GiB"))  # fmt: skip
+        _write_json(out_path, res)
     return res
 
 

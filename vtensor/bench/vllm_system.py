@@ -248,17 +248,10 @@ def log(msg: str) -> None:
     print(f"[vllm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def run_job(job: dict, out_path: str) -> dict:
     """Start vLLM once, run the job's workloads in order, write `out_path` after each."""
-    from vtensor.bench.e2e import run_offline
-    from vtensor.bench.workloads import warmup_prompt, workload_from_json
+    from vtensor.bench.e2e import _write_json, run_workloads
+    from vtensor.bench.workloads import workload_from_json
 
     res: dict = {"system": "vllm", "label": job.get("label", "vllm"), "workloads": {},
                  "notes": [], "llm_kwargs": job["llm_kwargs"]}  # fmt: skip
@@ -276,20 +269,8 @@ def run_job(job: dict, out_path: str) -> dict:
                config=sysobj.config)  # fmt: skip
     log(f"vllm {sysobj.version} up in {sysobj.load_s:.1f} s: {sysobj.config}")
     wls = [workload_from_json(wj) for wj in job["workloads"]]
-    sysobj.generate([warmup_prompt(wls)], [4])  # warm-up, as vtensor's worker does
-    _write_json(out_path, res)
-    for wl in wls:
-        sysobj.reset()
-        log(f"{wl.name}: {wl.stats()}")
-        try:
-            r = run_offline(sysobj, wl, sample_interval=job.get("sample_interval", 0.1))
-        except Exception as e:  # one workload failing must not lose the others
-            r = {"system": "vllm", "error": f"{type(e).__name__}: {str(e)[-500:]}"}
-        res["workloads"][wl.name] = r
-        log(f"{wl.name} done: " + (r.get("error") or f"{r['output_tokens_per_s']:.1f} out tok/s, "
-            f"{r['elapsed_s']:.1f} s, peak "
-            f"{(r['memory'].get('device_used_peak') or 0) / 2**30:.1f} GiB"))  # fmt: skip
-        _write_json(out_path, res)
+    run_workloads(sysobj, wls, res, out_path, reset=sysobj.reset, log=log, label="vllm",
+                  sample_interval=job.get("sample_interval", 0.1))  # fmt: skip
     sysobj.close()
     return res
 

@@ -96,12 +96,9 @@ def plan(quick: bool = False) -> list[Step]:
 
 
 def select(steps: list[Step], part: str | None, names: str | None) -> list[Step]:
-    if names:
-        want = [n.strip() for n in names.split(",") if n.strip()]
-        unknown = sorted(set(want) - {s.name for s in steps})
-        if unknown:
-            raise SystemExit(f"unknown step(s) {unknown}; have {[s.name for s in steps]}")
-        steps = [s for s in steps if s.name in want]
+    from vtensor.bench.all import by_name
+
+    steps = by_name(steps, names, "step")
     if part:
         try:
             k, n = (int(x) for x in part.split("/"))
@@ -144,7 +141,7 @@ def max_len(wls: list[W.Workload]) -> int:
 
 def vtensor_worker(job: dict, out_path: str) -> dict:
     """vtensor's engine (kv=virtual, its defaults but max_model_len) over the job's workloads."""
-    from vtensor.bench.e2e import _write_json, hardware, run_offline
+    from vtensor.bench.e2e import hardware, run_workloads
     from vtensor.bench.systems import EngineSystem, ModelSpec
 
     spec = ModelSpec(**job["spec"])
@@ -161,22 +158,12 @@ def vtensor_worker(job: dict, out_path: str) -> dict:
     res.update(startup_s=round(sysobj.load_s, 1), load_s=sysobj.load_s, hardware=hardware(),
                config=cfg)  # fmt: skip
     wls = [W.workload_from_json(wj) for wj in job["workloads"]]
-    sysobj.generate([W.warmup_prompt(wls)], [4])  # warm-up, as the vLLM worker does
-    _write_json(out_path, res)
-    for wl in wls:
-        # as the vLLM worker does between workloads (reset_prefix_cache); trimmed too, so each
-        # workload's memory figure is its own
+
+    def reset() -> None:  # as vLLM's worker does; trimmed too: each workload's memory its own
         sysobj.engine.reset_prefix_cache(trim=True)
-        log(f"vtensor: {wl.name}: {wl.stats()}")
-        try:
-            r = run_offline(sysobj, wl, sample_interval=job.get("sample_interval", 0.1))
-        except Exception as e:  # one workload failing must not lose the others
-            r = {"system": "vtensor", "error": f"{type(e).__name__}: {str(e)[-500:]}"}
-        res["workloads"][wl.name] = r
-        log(f"vtensor: {wl.name} done: " + (r.get("error") or f"{r['output_tokens_per_s']:.1f} "
-            f"out tok/s, {r['elapsed_s']:.1f} s, peak "
-            f"{(r['memory'].get('device_used_peak') or 0) / GIB:.1f} GiB"))  # fmt: skip
-        _write_json(out_path, res)
+
+    run_workloads(sysobj, wls, res, out_path, reset=reset, log=lambda m: log(f"vtensor: {m}"),
+                  label="vtensor", sample_interval=job.get("sample_interval", 0.1))  # fmt: skip
     sysobj.close()
     return res
 
