@@ -79,7 +79,7 @@ def main():
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--served-model-name")
     a = p.parse_args()
-    assert a.cmd == "serve" and a.skip_tokenizer_init and a.load_format == "dummy"
+    assert a.cmd == "serve" and not a.skip_tokenizer_init and a.load_format == "dummy"
     record = os.environ["FAKE_VLLM_REQUESTS"]
     print("INFO Using FLASH_ATTN attention backend out of potential backends", flush=True)
 
@@ -184,7 +184,8 @@ def test_serve_cmd():
     flags = dict(zip(cmd[5::1], cmd[6::1], strict=False))
     assert flags["--port"] == "8123" and flags["--load-format"] == "dummy"
     assert flags["--max-model-len"] == "4096" and flags["--dtype"] == "bfloat16"
-    assert "--skip-tokenizer-init" in cmd and "--gpu-memory-utilization" not in cmd
+    assert "--skip-tokenizer-init" not in cmd and "--gpu-memory-utilization" not in cmd
+    assert "--skip-tokenizer-init" in V.serve_cmd("/m", port=1, max_model_len=8, detokenize=False)
     cmd = V.serve_cmd("/m", port=1, max_model_len=8, gpu_memory_utilization=0.5)
     assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.500"
 

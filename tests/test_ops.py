@@ -311,6 +311,26 @@ def test_triton_decode_many_splits():
     _check(o, st.decode_ref(), torch.float32)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_triton_decode_short_sequences_in_a_long_grid(fused):
+    """A CUDA graph sizes the grid for max_model_len; each sequence spreads its real tokens
+    over all the splits (1 tile up to many): lengths far below the bound, 0 and 1 included."""
+    st = Setup(8, 2, 16, [0, 69, 129, 36, 0], [1, 1, 1, 1, 1], torch.float32, max_tokens=900,
+               seed=7)  # fmt: skip
+    lens = st.lens_t.clone()
+    lens[4] = 0  # a row with no tokens yet must not divide by zero (its output is unused)
+    cfg = DecodeConfig(fused=fused, num_splits=9, block_n=16)
+    kw = dict(max_seq_len=st.max_tokens, scale=st.scale, config=cfg)
+    ref = st.decode_ref()[:4]
+    for _ in range(2):  # the fused merge's counters return to zero
+        o = decode_triton(st.qd, st.kc, st.vc, slot_ids=st.slots, block_table=None,
+                          seq_lens=lens, **kw)  # fmt: skip
+        _check(o[:4], ref, torch.float32)
+        o = decode_triton(st.qd, st.kb, st.vb, slot_ids=None, block_table=st.table,
+                          seq_lens=lens, **kw)  # fmt: skip
+        _check(o[:4], ref, torch.float32)
+
+
 def test_reference_decode_ignores_nan_past_the_lengths():
     """The CPU engine path: cache rows past each sequence's length hold arbitrary memory (a
     preallocated paged pool is torch.empty); NaN there must not reach the output."""

@@ -34,24 +34,46 @@ def _busy_union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def kernel_stats(events: list[Any], wall_us: float) -> dict[str, Any]:
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> dict[str, Any]:
+    """GPU idle time between device activities [(start, end, name)], by the (before, after)
+    pair it sits between: where the stream waits on the host, a copy or a launch."""
+    idle, by_pair = 0.0, {}
+    end, prev = float("inf"), ""
+    for a, b, name in sorted(kernels):
+        if a > end:
+            key = f"{prev[:40]} -> {name[:40]}"
+            n, t = by_pair.get(key, (0, 0.0))
+            by_pair[key] = (n + 1, t + a - end)
+            idle += a - end
+        if end == float("inf") or b > end:
+            end, prev = b, name
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1][1])[:top]
+    top_pairs = [{"between": k, "count": n, "us": round(t, 1)} for k, (n, t) in pairs]
+    return {"idle_us": round(idle, 1), "top": top_pairs}
+
+
+def kernel_stats(events: list[Any], wall_us: float, top: int = 12) -> dict[str, Any]:
     """GPU kernel figures from profiler events (FunctionEvent-like: device_type, name,
-    time_range.start/end in us)."""
+    time_range.start/end in us): the `top` kernels by time with their call counts, and the
+    idle gaps between device activities."""
     from torch.autograd import DeviceType
 
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     spans = [(e.time_range.start, e.time_range.end) for e in kernels]
     busy = _busy_union(spans)
-    by_name: dict[str, float] = {}
+    by_name: dict[str, tuple[int, float]] = {}
     for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.end - e.time_range.start
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + e.time_range.end - e.time_range.start)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     return {
         "num_kernels": len(kernels),
         "kernel_time_us": sum(b - a for a, b in spans),
         "gpu_busy_us": busy,
         "gpu_busy_fraction": busy / wall_us if wall_us > 0 else None,
-        "top_kernels_us": [{"name": n[:100], "us": round(t, 1)} for n, t in top],
+        "top_kernels_us": [{"name": n[:100], "calls": c, "us": round(t, 1)}
+                           for n, (c, t) in ranked],  # fmt: skip
+        "gaps": idle_gaps([(*sp, e.name) for sp, e in zip(spans, kernels, strict=True)]),
     }
 
 

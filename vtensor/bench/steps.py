@@ -126,12 +126,13 @@ def decode_point(
                 eng.step(finished_only=True)
             torch.cuda.synchronize()
             w = time.perf_counter() - t1
-        ks = kernel_stats(list(prof.events()), w * 1e6)
+        ks = kernel_stats(list(prof.events()), w * 1e6, top=40)
         res |= {
             "gpu_ms_per_step": ks["kernel_time_us"] / 1e3 / gpu_steps,
             "gpu_busy_fraction": ks["gpu_busy_fraction"],
             "kernels_per_step": ks["num_kernels"] / gpu_steps,
-            "top_kernels_us": ks["top_kernels_us"][:6],
+            "top_kernels_us": ks["top_kernels_us"],  # all of a step's kinds, with calls
+            "gaps": ks["gaps"],
         }
     _drain(eng)
     return res

@@ -4,9 +4,9 @@
               `vllm.LLM` runs every workload of the job in turn (prefix cache reset between
               them), through e2e.run_offline, so turns, histories and records are built exactly
               as for vtensor's engine; OUT.json is rewritten after each workload.
-    online    online.VLLMServer: `vllm serve DIR --load-format dummy --skip-tokenizer-init` behind
-              the same client as `vtensor serve` (online.py), token ids back via
-              `return_token_ids`.
+    online    online.VLLMServer: `vllm serve DIR --load-format dummy` behind the same client as
+              `vtensor serve` (online.py), token ids back via `return_token_ids`; DIR's
+              tokenizer is loaded, so vLLM detokenizes its stream as `vtensor serve` does.
 
 vLLM keeps its own defaults (prefix caching, chunked prefill, CUDA graphs, torch.compile);
 what it resolved (max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, attention
@@ -94,12 +94,16 @@ def serve_cmd(
     served_name: str = "bench",
     gpu_memory_utilization: float | None = None,
     python: str | None = None,
+    detokenize: bool = True,
 ) -> list[str]:
-    """`vllm serve` as a module run (the console script is not installed by --target)."""
+    """`vllm serve` as a module run (the console script is not installed by --target).
+    detokenize=False: --skip-tokenizer-init (empty text; less work than `vtensor serve`)."""
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--load-format", load_format,
-           "--dtype", dtype, "--skip-tokenizer-init", "--max-model-len", str(int(max_model_len)),
+           "--dtype", dtype, "--max-model-len", str(int(max_model_len)),
            "--served-model-name", served_name]  # fmt: skip
+    if not detokenize:
+        cmd.append("--skip-tokenizer-init")
     if gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.3f}"]
     return cmd

@@ -6,9 +6,10 @@ them (tl.dot needs >= 16 rows, so small groups are padded). The splits are merge
 their log-sum-exp by a second kernel, or (config `fused`) by the last split program of each
 (sequence, kv head) to finish. Launch configs are tuned per GPU and shape
 (`decode_configs.json`, made by `vtensor.bench.decode_tune` with the same search for the
-paged layout). Sizing uses only the static `max_seq_len` bound; actual lengths
-stay on the device and programs past a sequence's end exit at once, so no host sync and CUDA
-graphs stay valid.
+paged layout). The grid is sized from the static `max_seq_len` bound only (no host sync,
+CUDA graphs stay valid); each sequence then spreads its actual tokens over all the splits
+(`_seq_chunk`, on the device), so a graph captured for 8K contexts still keeps every split
+busy at 2K instead of leaving most programs to exit at once.
 
     tokens of one sequence: |--split 0--|--split 1--|--split 2--|  (chunk = k * BLOCK_N)
                             ^ program (seq, kvh, 0) reads K/V once for `group` query heads
@@ -42,11 +43,19 @@ def _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, s_slot, s_tok, PAGE: tl.constex
 
 
 @triton.jit
+def _seq_chunk(seq_len, n_splits, BLOCK_N: tl.constexpr):
+    """Tokens per split for this sequence: its tiles spread evenly over the n_splits programs
+    (>= 1 tile, so a 0-length pad row divides by nothing)."""
+    tiles = tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
+    return tl.cdiv(tiles, n_splits) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, slot_ptr, bt_ptr, lens_ptr, o_ptr, mo_ptr, ml_ptr,
     sq_b, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sbt_b, so_b, so_h,
     smo_b, smo_h, smo_s, sml_b, sml_h,
-    sem_ptr, qk_scale, chunk, n_kvh,
+    sem_ptr, qk_scale, n_kvh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HEAD_FAST: tl.constexpr, ROTATE: tl.constexpr,
@@ -60,6 +69,7 @@ def _decode_split_kernel(
         kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + seq)
+    chunk = _seq_chunk(seq_len, tl.num_programs(2), BLOCK_N)
     start = split * chunk
     if start >= seq_len:
         return  # the reduction only reads the splits that hold tokens
@@ -170,13 +180,14 @@ def _merge_splits(
 
 @triton.jit
 def _decode_reduce_kernel(
-    o_ptr, mo_ptr, ml_ptr, lens_ptr, so_b, so_h, smo_b, smo_h, smo_s, sml_b, sml_h, chunk,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, SPLIT_TILE: tl.constexpr,
+    o_ptr, mo_ptr, ml_ptr, lens_ptr, so_b, so_h, smo_b, smo_h, smo_s, sml_b, sml_h, n_splits,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(lens_ptr + seq)
-    n_valid = (seq_len + chunk - 1) // chunk
+    n_valid = tl.cdiv(seq_len, _seq_chunk(seq_len, n_splits, BLOCK_N))
     ml = ml_ptr + seq * sml_b + h * sml_h
     sp = tl.arange(0, SPLITS_PAD)
     lse = tl.load(ml + sp, mask=sp < n_valid, other=float("-inf"))
@@ -323,7 +334,7 @@ def decode_triton(
         cfg = replace(cfg, num_splits=num_splits)
     bn = cfg.block_n
     if cfg.num_splits is None:
-        splits, chunk = plan_splits(b, hkv, max_seq_len, bn, _num_sms(q.device))
+        splits, _ = plan_splits(b, hkv, max_seq_len, bn, _num_sms(q.device))
     else:
         tiles = max(1, math.ceil(max_seq_len / bn))
         chunk = math.ceil(tiles / max(1, cfg.num_splits)) * bn
@@ -348,7 +359,7 @@ def decode_triton(
         q, k_cache, v_cache, slots, bt, seq_lens, o, mo, ml,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         bt.stride(0) if paged else 0, o.stride(0), o.stride(1), *smo, *sml,
-        sem if fused else seq_lens, scale * _LOG2E, chunk, hkv,
+        sem if fused else seq_lens, scale * _LOG2E, hkv,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_N=bn, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
         UPCAST=interp, PREC=prec, HEAD_FAST=cfg.head_fast, ROTATE=cfg.rotate, FUSED=fused,
@@ -356,7 +367,7 @@ def decode_triton(
     )  # fmt: skip
     if not direct and not fused:
         _decode_reduce_kernel[(b, hq)](
-            o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, chunk,
+            o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, splits, BLOCK_N=bn,
             HEAD_DIM=d, SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT_TILE=16,
             num_warps=4,
         )  # fmt: skip
