@@ -77,6 +77,37 @@ def kernel_stats(events: list[Any], wall_us: float, top: int = 12) -> dict[str, 
     }
 
 
+def host_op_stats(prof: Any, top: int = 15, stacks: bool = False) -> list[dict[str, Any]]:
+    """The host calls that took the window's CPU time (self time: a blocking runtime call such
+    as cudaStreamSynchronize or cudaFree shows here, not in its caller). stacks: the profile
+    recorded Python frames; each entry then also gives the vtensor call chains of its calls,
+    heaviest first."""
+    avgs = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:top]
+    chains: dict[str, dict[str, float]] = {}
+    if stacks:
+        names = {a.key for a in avgs}
+        for e in prof.events():
+            if e.name not in names:
+                continue
+            frames, p = [], e.cpu_parent
+            while p is not None:
+                if "vtensor/" in p.name:
+                    frames.append(p.name.split("vtensor/", 1)[1][:70])
+                p = p.cpu_parent
+            key = " < ".join(frames[:6])
+            by = chains.setdefault(e.name, {})
+            by[key] = by.get(key, 0.0) + e.self_cpu_time_total / 1e3
+    out = []
+    for a in avgs:
+        ms = round(a.self_cpu_time_total / 1e3, 2)
+        row: dict[str, Any] = {"name": a.key[:80], "calls": a.count, "self_ms": ms}
+        if stacks:
+            top3 = sorted(chains.get(a.key, {}).items(), key=lambda kv: -kv[1])[:3]
+            row["stacks"] = [{"ms": round(t, 2), "chain": c} for c, t in top3]
+        out.append(row)
+    return out
+
+
 def profile_run(
     model: str,
     workload: str,
@@ -84,6 +115,7 @@ def profile_run(
     warmup_steps: int,
     window_steps: int,
     engine_kw: dict[str, Any],
+    stacks: bool = False,
 ) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -109,7 +141,7 @@ def profile_run(
     before = dict(eng.counters), dict(eng.timing)
     acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     steps = 0
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=stacks) as prof:
         t1 = time.perf_counter()
         while steps < window_steps and eng.has_unfinished_requests():
             eng.step(finished_only=True)
@@ -137,6 +169,7 @@ def profile_run(
         "decode_steps": delta["decode_steps"], "prefill_steps": delta["prefill_steps"],
         "host_ms_per_step": {k[:-2]: 1e3 * v / max(steps, 1) for k, v in timing.items()},
     }  # fmt: skip
+    res["host_ops"] = host_op_stats(prof, stacks=stacks)
     if cuda:
         ks = kernel_stats(list(prof.events()), wall * 1e6)
         ks["gpu_ms_per_step"] = ks["kernel_time_us"] / 1e3 / max(steps, 1)
@@ -157,6 +190,10 @@ def format_report(res: dict[str, Any]) -> str:
         f"{res['tokens_per_step']['prompt']:.0f} prompt",
         "  host ms/step: " + ", ".join(f"{k} {v:.2f}" for k, v in res["host_ms_per_step"].items()),
     ]
+    if res.get("host_ops"):
+        ops = res["host_ops"][:5]
+        lines.append("  host self time: " + "; ".join(
+            f"{o['name'][:32]} {o['self_ms']:.1f} ms x{o['calls']}" for o in ops))  # fmt: skip
     g = res.get("gpu")
     if g:
         lines += [
@@ -197,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
     p.add_argument("--no-launches", action="store_true", help="skip the per-layer count")
+    p.add_argument("--stacks", action="store_true",
+                   help="Python stacks in host_ops, to find what blocks")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     kw = engine_kwargs(a.engine_args, a.layers)
-    res = profile_run(a.model, a.workload, a.requests, a.warmup_steps, a.steps, kw)
+    res = profile_run(a.model, a.workload, a.requests, a.warmup_steps, a.steps, kw, a.stacks)
     if not a.no_launches and torch.cuda.is_available():
         from vtensor.bench.fused import count_launches
 
