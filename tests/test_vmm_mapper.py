@@ -27,6 +27,9 @@ class FakeEvent:
         assert self._gate.wait(10), "event never fired"
         self.synced = True
 
+    def query(self) -> bool:
+        return self._gate.is_set()
+
 
 @pytest.fixture
 def env():
@@ -122,6 +125,29 @@ def test_deferred_unmap_waits_for_event_but_not_maps_elsewhere(env):
     assert torch.equal(av, torch.arange(PAGE // 8))  # the in-flight reader still sees its data
     cv = c.view(torch.int64, (PAGE // 8,))
     assert torch.equal(cv, torch.arange(PAGE // 8))  # same physical page, same bytes
+    ev.fire()
+    t_unmap.wait()
+    assert ev.synced and b.stats()["mapped_pages"] == 1
+    a.close()
+    c.close()
+    pool.close()
+
+
+def test_a_lazy_unmap_never_holds_up_a_later_map(env):
+    """The unmap's event is not reached yet when the mapper, idle, comes to it: it must not
+    block in it, or a map submitted meanwhile (the next step's) waits for the GPU too."""
+    b, pool, m = env
+    a = VirtualTensor(pool, 2 * PAGE, mapper=m)
+    c = VirtualTensor(pool, 2 * PAGE, mapper=m)
+    a.map(0, 1).wait()
+    ev = FakeEvent()
+    t_unmap = a.unmap(0, 1, after=ev)
+    time.sleep(0.05)  # the mapper has nothing else: it has looked at the unmap by now
+    t_map = c.map(0, 1)
+    deadline = time.monotonic() + 5
+    while not t_map.done() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert t_map.done() and not t_unmap.done() and not ev.synced
     ev.fire()
     t_unmap.wait()
     assert ev.synced and b.stats()["mapped_pages"] == 1

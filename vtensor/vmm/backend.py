@@ -63,6 +63,10 @@ class Backend(ABC):
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
 
+    def event_done(self, event: object | None) -> bool:
+        """Has the device reached `event`? Never blocks (the mapper polls it)."""
+        return event is None or bool(event.query())  # type: ignore[attr-defined]
+
     def stats(self) -> dict:
         with self._lock:
             return {

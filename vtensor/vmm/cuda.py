@@ -251,6 +251,12 @@ class CudaBackend(Backend):
             with self._current():
                 event.synchronize()  # type: ignore[attr-defined]  # releases the GIL
 
+    def event_done(self, event: object | None) -> bool:
+        if event is None:
+            return True
+        with self._current():
+            return bool(event.query())  # type: ignore[attr-defined]
+
     def record_event(self) -> object | None:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))

@@ -5,7 +5,11 @@ on cuMemSetAccess (~40-47 us per 2 MiB page on the H200) or cuMemUnmap (~31 us).
 
 Two lanes, each FIFO: urgent work (maps the next step needs) always runs first; lazy work
 (unmaps of released pages, each behind a CUDA event recorded after their last reader) runs when
-no urgent work waits, so a step never waits for unmaps or for the GPU to reach those events.
+no urgent work waits and, if it came with a `ready` check, once that says so (the event was
+reached): the thread never blocks inside lazy work on the GPU, so a map the next step needs is
+never stuck behind an unmap waiting for the running step to end (that stalled the GPU for the
+host's whole launch of a 16K-token prefill: it went idle, then waited to be fed). A step never
+waits for unmaps or for the GPU to reach those events.
 Why reusing a page before its old mapping is gone is safe: a physical page may be mapped at two
 addresses at once, and the new owner's kernels are queued on the same stream after the old
 readers. What must still be ordered, a map at an address whose unmap is pending, the caller
@@ -27,7 +31,7 @@ from vtensor.vmm.errors import VmmError
 class Ticket:
     """Completion handle of one submitted batch of driver work."""
 
-    __slots__ = ("_done", "_error", "_fn", "_mapper")
+    __slots__ = ("_done", "_error", "_fn", "_mapper", "_ready")
 
     def __init__(self, mapper: Mapper | None = None) -> None:
         self._done = threading.Event()
@@ -35,6 +39,7 @@ class Ticket:
         self._mapper = mapper
         # the queued work; taken (set to None) under the mapper's lock by whoever runs it
         self._fn: Callable[[], None] | None = None
+        self._ready: Callable[[], bool] | None = None  # lazy work: may it run yet?
 
     @classmethod
     def completed(cls) -> Ticket:
@@ -57,6 +62,9 @@ class Ticket:
 
 
 class Mapper:
+    # how often a lazy ticket that is not ready yet is checked again (while nothing else waits)
+    poll_s = 0.001
+
     def __init__(self, name: str = "vtensor-mapper") -> None:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -72,19 +80,25 @@ class Mapper:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], None], lazy: bool = False) -> Ticket:
-        """Queue fn; `lazy` work runs only while no urgent work waits (see the module doc)."""
+    def submit(
+        self, fn: Callable[[], None], lazy: bool = False, ready: Callable[[], bool] | None = None
+    ) -> Ticket:
+        """Queue fn; `lazy` work runs only while no urgent work waits and once `ready()` (if
+        given, checked on this thread; it must not block) returns True (see the module doc)."""
         if self._closed:
             raise VmmError("Mapper is closed")
         with self._lock:
             err, self._error = self._error, None
         if err is not None:
             raise VmmError(f"earlier mapper work failed: {err!r}") from err
-        return self._enqueue(fn, lazy)
+        return self._enqueue(fn, lazy, ready if lazy else None)
 
-    def _enqueue(self, fn: Callable[[], None], lazy: bool) -> Ticket:
+    def _enqueue(
+        self, fn: Callable[[], None], lazy: bool, ready: Callable[[], bool] | None = None
+    ) -> Ticket:
         t = Ticket(self)
         t._fn = fn
+        t._ready = ready
         with self._cv:
             self.submitted += 1
             (self._lazy if lazy else self._urgent).append(t)
@@ -114,17 +128,33 @@ class Mapper:
         with self._lock:
             self.wait_seconds += dt
 
+    def _next(self) -> Ticket | None:
+        """Under the lock: the ticket to run now, or None (stopping, and everything ran)."""
+        while True:
+            if self._urgent:
+                return self._urgent.popleft()
+            if self._lazy:
+                head = self._lazy[0]
+                if head._fn is None or head._ready is None or self._is_ready(head):
+                    return self._lazy.popleft()
+                self._cv.wait(self.poll_s)  # not yet: stay free for urgent work meanwhile
+                continue
+            if self._stopping:
+                return None
+            self._cv.wait()
+
+    def _is_ready(self, t: Ticket) -> bool:
+        try:
+            return t._ready()  # type: ignore[misc]
+        except BaseException:  # noqa: BLE001 - run it: the work itself reports the error
+            return True
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._urgent or self._lazy or self._stopping):
-                    self._cv.wait()
-                if self._urgent:
-                    t = self._urgent.popleft()
-                elif self._lazy:
-                    t = self._lazy.popleft()
-                else:
-                    return  # stopping, and everything ran
+                t = self._next()
+                if t is None:
+                    return
                 fn, t._fn = t._fn, None
             if fn is not None:  # None: run_now ran it already
                 self._execute(fn, t)

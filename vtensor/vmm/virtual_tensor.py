@@ -173,7 +173,8 @@ class VirtualTensor:
                 backend.unmap(a)
 
         lazy = self.lazy_unmap if lazy is None else lazy and self.mapper is not None
-        ticket = self._run(work, lazy=lazy)
+        ready = None if after is None else lambda: backend.event_done(after)
+        ticket = self._run(work, lazy=lazy, ready=ready)
         if lazy:
             for i in range(first, last):
                 self._unmapping[i] = ticket
@@ -233,11 +234,13 @@ class VirtualTensor:
         last.wait()
 
     # ---- helpers ----
-    def _run(self, fn: Callable[[], None], lazy: bool = False) -> Ticket:
+    def _run(
+        self, fn: Callable[[], None], lazy: bool = False, ready: Callable[[], bool] | None = None
+    ) -> Ticket:
         if self.mapper is None:
             fn()
             return Ticket.completed()
-        return self.mapper.submit(fn, lazy=lazy)
+        return self.mapper.submit(fn, lazy=lazy, ready=ready)
 
     def _check_open(self) -> None:
         if self._closed:
