@@ -73,6 +73,18 @@ def test_tiny_batched_greedy_prefix_preemption(checkpoint, kv):
     llm.close()
 
 
+@pytest.mark.parametrize("kv", ["virtual", "paged"])
+def test_tiny_triton_backend_mixed_steps(checkpoint, kv):
+    """Our Triton kernels (interpreter) in the engine: chunked prefill mixes decodes with
+    prompt chunks, whose attention splits into the decode and prefill kernels."""
+    path, _, prompts, refs = checkpoint
+    llm = _llm(path, kv=kv, max_num_batched_tokens=16, attention_backend="triton")
+    outs = llm.generate(prompts, greedy(NEW))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert llm.llm_engine.counters["prefill_steps"] > len(prompts)  # chunks and mixed steps
+    llm.close()
+
+
 def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
     """The CUDA-graph decode path (not runnable here) pads a batch to its bucket: real rows
     carry token, position, slot and length; pad rows aim at the private pad slot, length 1."""

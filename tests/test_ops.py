@@ -176,6 +176,42 @@ def test_triton_prefill(case, dtype):
     _check(o, ref, dtype)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_triton_backend_mixed_step_runs_decode_rows_as_decodes(paged):
+    """A prefill step with one-token rows first (as the runner orders them): those go through
+    the decode kernel, the prompt chunks through the prefill kernel, into one output."""
+    from vtensor.ops.backends import AttentionMetadata, TritonBackend
+
+    st = Setup(8, 2, 16, [37, 12, 0, 20, 0, 5], [1, 1, 1, 19, 40, 33], torch.float32, seed=8)
+    ref = st.prefill_ref()
+    d = 3
+    none = st.slots[:0]
+    meta = AttentionMetadata(
+        True, [(st.kb, st.vb) if paged else (st.kc, st.vc)], none, none,
+        st.table if paged else st.slots[:, None], prefix_lens=st.prefix_t, cu_seqlens_q=st.cu,
+        max_seqlen_q=max(st.news), max_seqlen_k=max(st.lens), seq_lens=st.lens_t[:d],
+        max_seq_len=max(st.lens[:d]), num_decodes=d,
+    )  # fmt: skip
+    be = TritonBackend(paged)
+    for _ in range(2):  # the second layer reuses the step's tile list
+        o = be.forward(0, st.q, meta, st.scale)
+        _check(o, ref, torch.float32)
+    assert len(meta.derived) == 1
+
+
+def test_prefill_tiles_lists_each_block_once_heaviest_first():
+    from vtensor.ops.triton_prefill import prefill_tiles
+
+    cu = torch.tensor([3, 4, 20, 20, 53], dtype=torch.int32)  # rows need not start at 0
+    prefix = torch.tensor([100, 0, 7, 2], dtype=torch.int32)
+    tiles = prefill_tiles(cu, prefix, 53, 16).tolist()
+    real = [t for t in tiles if t[0] >= 0]
+    assert sorted(map(tuple, real)) == [(0, 0), (1, 0), (3, 0), (3, 1), (3, 2)]
+    assert all(t[0] == -1 for t in tiles[len(real):])  # the slack comes last
+    seen = [int(prefix[s]) + min((m + 1) * 16, int(cu[s + 1] - cu[s])) for s, m in real]
+    assert seen == sorted(seen, reverse=True)
+
+
 def test_store_kv_and_errors():
     st = Setup(8, 2, 16, [3], [4], torch.float32)
     k = torch.randn(3, 2, 16, device=DEV)

@@ -261,13 +261,12 @@ class LLMEngine:
         """Decode inputs that are the in-flight step's samples: gathered on the device."""
         if self._inflight is None:
             return None
-        dst, rows, pos = [], [], 0
-        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
-            pos += n
+        seqs, rows = [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
             if seq.token_ids[seq.num_computed + n - 1] == PLACEHOLDER:  # only the last can be
-                dst.append(pos - 1)
+                seqs.append(i)
                 rows.append(seq.sample_row)
-        return TokenFill(self._inflight.out.token_ids, dst, rows) if dst else None
+        return TokenFill(self._inflight.out.token_ids, seqs, rows) if seqs else None
 
     def _sample_rows(
         self, logits: torch.Tensor, seqs: list[Sequence], outputs: list[RequestOutput]

@@ -28,21 +28,23 @@ PLACEHOLDER = -1  # a sampled token whose id is still on its way to the host
 
 @dataclass(slots=True)
 class TokenFill:
-    """Input tokens to take from the previous step's sampled ids, on the device:
-    input_ids[dst[i]] = src[src_rows[i]]."""
+    """Input tokens to take from the previous step's sampled ids, on the device: the last
+    input token of batch row seqs[i] is src[src_rows[i]]."""
 
     src: torch.Tensor  # [m] int64, the previous step's sampled ids (device)
-    dst: list[int]  # positions in the flattened input ids of this step
+    seqs: list[int]  # batch indices (the runner knows where their last token sits)
     src_rows: list[int]
 
-    def apply(self, input_ids: torch.Tensor) -> None:
-        """input_ids: the step's flattened ids on the device (any int dtype; written in place)."""
-        if not self.dst:
+    def apply(self, input_ids: torch.Tensor, dst: list[int]) -> None:
+        """input_ids: the step's flattened ids on the device (any int dtype; written in place);
+        dst[i]: the position of seqs[i]'s last token there."""
+        if not dst:
             return
         dev = input_ids.device
-        dst = to_device(self.dst, torch.long, dev)
         rows = to_device(self.src_rows, torch.long, dev)
-        input_ids[dst] = self.src.index_select(0, rows).to(input_ids.dtype)
+        input_ids[to_device(dst, torch.long, dev)] = self.src.index_select(0, rows).to(
+            input_ids.dtype
+        )
 
 
 @dataclass(slots=True)

@@ -100,23 +100,30 @@ class ModelRunner:
     def _prefill(
         self, batch: ScheduledBatch, fill: TokenFill | None
     ) -> tuple[torch.Tensor, list[int]]:
+        # one-token rows (decodes mixed in with prompt chunks) first: the backend may run
+        # rows [0, num_decodes) as decodes; logits rows keep the batch's order
+        order = [i for i, n in enumerate(batch.num_new) if n == 1]
+        num_decodes = len(order)
+        order += [i for i, n in enumerate(batch.num_new) if n != 1]
+        seqs = [batch.seqs[i] for i in order]
+        num_new = [batch.num_new[i] for i in order]
         ids: list[int] = []
         pos: list[int] = []
         cu = [0]
-        sample_rows: list[int] = []
-        logits_idx: list[int] = []
-        slots = [s.slot for s in batch.seqs]
-        starts = [s.num_computed for s in batch.seqs]
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True)):
+        last = [0] * len(batch)  # batch index -> row of its last token
+        for i, seq, n in zip(order, seqs, num_new, strict=True):
             c = seq.num_computed
             ids += seq.token_ids[c : c + n]
             pos += range(c, c + n)
             cu.append(cu[-1] + n)
-            if c + n == seq.num_tokens:
-                sample_rows.append(i)
-                logits_idx.append(cu[-1] - 1)
-        store_a, store_b = self.kv.store_targets(slots, starts, batch.num_new)
+            last[i] = cu[-1] - 1
+        sample_rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new, strict=True))
+                       if s.num_computed + n == s.num_tokens]  # fmt: skip
+        slots = [s.slot for s in seqs]
+        starts = [s.num_computed for s in seqs]
+        store_a, store_b = self.kv.store_targets(slots, starts, num_new)
         pos_t = self._to_dev(pos)
+        dec_lens = [c + 1 for c in starts[:num_decodes]]
         meta = AttentionMetadata(
             is_prefill=True,
             kv_views=self.kv.kv_views,
@@ -125,16 +132,19 @@ class ModelRunner:
             kv_index=self._to_dev(self.kv.kv_index(slots)),
             prefix_lens=self._to_dev(starts),
             cu_seqlens_q=self._to_dev(cu),
-            max_seqlen_q=max(batch.num_new),
-            max_seqlen_k=max(c + n for c, n in zip(starts, batch.num_new, strict=True)),
+            max_seqlen_q=max(num_new),
+            max_seqlen_k=max(c + n for c, n in zip(starts, num_new, strict=True)),
+            seq_lens=self._to_dev(dec_lens) if dec_lens else None,
+            max_seq_len=max(dec_lens, default=0),
+            num_decodes=num_decodes,
         )
         ids_t = self._to_dev(ids)
         if fill is not None:
-            fill.apply(ids_t)
+            fill.apply(ids_t, [last[i] for i in fill.seqs])
         hidden = self._run(meta, ids_t, pos_t)
-        if not logits_idx:
+        if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32), []
-        rows = self._to_dev(logits_idx, torch.long)
+        rows = self._to_dev([last[i] for i in sample_rows], torch.long)
         return self.model.compute_logits(hidden.index_select(0, rows)), sample_rows
 
     def _split(self, flat: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,13 +189,13 @@ class ModelRunner:
             flat = self._decode_inputs(batch, b)
             head, index = self._split(flat.to(self.device, non_blocking=True), b)
             if fill is not None:
-                fill.apply(head[_IDS])
+                fill.apply(head[_IDS], fill.seqs)  # one row per request
             hidden = self._run(self._decode_meta(head, index), head[_IDS], head[_POS])
             return self.model.compute_logits(hidden)
         flat = self._decode_inputs(batch, bucket)
         self._static[: flat.numel()].copy_(flat, non_blocking=True)
         if fill is not None:
-            fill.apply(self._split(self._static, bucket)[0][_IDS])
+            fill.apply(self._split(self._static, bucket)[0][_IDS], fill.seqs)
         self.graphs[bucket].replay()
         return self.model.compute_logits(self._static_hidden[:b])
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -52,6 +52,12 @@ class AttentionMetadata:
     # (static so that CUDA graphs captured once stay valid).
     seq_lens: torch.Tensor | None = None
     max_seq_len: int = 0
+    # prefill steps: rows [0, num_decodes) are one-token rows (decodes, placed first), whose
+    # seq_lens / max_seq_len (the real max) are set too, so a backend may run them as decodes
+    num_decodes: int = 0
+    # values a backend derives from this step's metadata at the first layer and reuses at the
+    # others (the prefill tile list)
+    derived: dict = field(default_factory=dict)
 
 
 def check_kv_views(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -154,7 +160,10 @@ class TorchBackend(AttentionBackend):
 
 
 class TritonBackend(AttentionBackend):
-    """Our split-K decode and prefix-prefill kernels (the same kernels for both layouts)."""
+    """Our split-K decode and prefix-prefill kernels (the same kernels for both layouts). In a
+    prefill step, the one-token rows (decodes mixed in with prompt chunks) run through the
+    decode kernel, which reads each KV head once for its whole query group; the prefill kernel
+    gets only the prompt chunks."""
 
     name = "triton"
 
@@ -163,6 +172,27 @@ class TritonBackend(AttentionBackend):
         from vtensor.ops.triton_prefill import prefill_triton
 
         return prefill_triton, decode_triton
+
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, scale: float
+                ) -> Tensor:  # fmt: skip
+        prefill, decode = self.kernels()
+        d, b = meta.num_decodes, meta.kv_index.shape[0]
+        slots, table = self.slot_ids(meta), self.block_table(meta)
+        o = torch.empty_like(q)
+        if d:
+            decode(
+                q[:d], k, v, slot_ids=None if slots is None else slots[:d],
+                block_table=None if table is None else table[:d], seq_lens=meta.seq_lens,
+                max_seq_len=meta.max_seq_len, scale=scale, out=o[:d],
+            )  # fmt: skip
+        if d < b:
+            prefill(
+                q, k, v, slot_ids=None if slots is None else slots[d:],
+                block_table=None if table is None else table[d:],
+                prefix_lens=meta.prefix_lens[d:], cu_seqlens_q=meta.cu_seqlens_q[d:],
+                max_seqlen_q=meta.max_seqlen_q, scale=scale, out=o, cache=meta.derived,
+            )  # fmt: skip
+        return o
 
 
 class FlashBackend(AttentionBackend):

@@ -311,10 +311,11 @@ def decode_triton(
     config: DecodeConfig | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q: [b, Hq, d]; caches [slots|blocks, tokens, Hkv, d]; exactly one of slot_ids /
-    block_table. Returns o: [b, Hq, d] in q's dtype. config / num_splits / block_n override
-    the per-shape choice (benchmarks, tests)."""
+    block_table. Returns o: [b, Hq, d] in q's dtype (`out` if given). config / num_splits /
+    block_n override the per-shape choice (benchmarks, tests)."""
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
     group = hq // hkv
@@ -322,7 +323,7 @@ def decode_triton(
         raise ValueError(f"triton decode needs a power-of-two head_dim >= 16, got {d}")
     if (slot_ids is None) == (block_table is None):
         raise ValueError("pass exactly one of slot_ids (virtual) or block_table (paged)")
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if out is None else out
     if b == 0:
         return o
     interp = not q.is_cuda
