@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, wl in zip(traces, wls, strict=True):
         eng.reset_prefix_cache()
         rows = trace_workload(eng, wl)
+        if name in res["traces"]:  # traced again (e.g. with the page pool warm this time)
+            name = f"{name}#{sum(k.split('#')[0] == name for k in res['traces']) + 1}"
         res["traces"][name] = {"summary": summarize_trace(rows), "rows": rows}
         print(f"[steps] trace {name}: {len(rows)} steps", flush=True)
     eng.close()

@@ -94,9 +94,10 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._pending: list[Sequence] = []  # aborted / failed: reported by the next step()
         self._failures_in_a_row = 0
-        # host time per phase of step(), seconds (bench profile reads it): wait_s is the time
-        # blocked on the GPU for sampled ids, the rest is CPU work the GPU may overlap
-        self.timing = dict.fromkeys(("schedule_s", "launch_s", "process_s", "wait_s"), 0.0)
+        # host seconds per phase of step(): wait_s (in process_s) = blocked on the GPU for ids;
+        # kv_wait_s (maps the step needs) + forward_s (launching the model) are in launch_s
+        phases = ("schedule_s", "launch_s", "kv_wait_s", "forward_s", "process_s", "wait_s")
+        self.timing = dict.fromkeys(phases, 0.0)
         self._inflight: InFlight | None = None  # launched, its sampled ids not yet processed
         # Overlap the CPU's work with the GPU's (inflight.py). Swap preemption copies pages on
         # the host while the GPU may still write them, so it keeps the plain loop.
@@ -208,8 +209,12 @@ class LLMEngine:
         self.counters["steps"] += 1
         self.counters["prefill_steps" if batch.is_prefill else "decode_steps"] += 1
         try:
+            t0 = time.perf_counter()
             self.kv_cache.wait_ready()
+            t1 = time.perf_counter()
             logits, rows = self.runner.execute(batch, self._token_fill(batch))
+            self.timing["kv_wait_s"] += t1 - t0
+            self.timing["forward_s"] += time.perf_counter() - t1
         except Exception as e:
             self._batch_failed(batch.seqs, e, outputs)
             return None
@@ -251,7 +256,7 @@ class LLMEngine:
             seq.num_pending += 1
             seq.sample_row = j
             index.append(seq.num_tokens - 1)
-            if self._length_reached(seq, seq.num_tokens):
+            if seq.length_reached(seq.num_tokens, self.max_model_len):
                 # stops on length whatever the token: never schedule it again (its slot is
                 # released once the token is known: the prefix cache wants real ids)
                 self.scheduler.hold(seq)
@@ -343,12 +348,6 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
         outputs.append(make_output(seq))
 
-    def _length_reached(self, seq: Sequence, num_tokens: int) -> bool:
-        """With `num_tokens` tokens (prompt + output) the request is at its length limit."""
-        max_tokens = seq.params.max_tokens
-        n_out = num_tokens - len(seq.prompt_token_ids)
-        return (max_tokens is not None and n_out >= max_tokens) or num_tokens >= self.max_model_len
-
     def _append(self, seq: Sequence, idx: int, tok: int, now: float) -> None:
         """Token `tok` landed at token_ids[idx]: stop checks (as if nothing came after it)."""
         self.counters["generation_tokens"] += 1
@@ -364,7 +363,7 @@ class LLMEngine:
             reason = "stop"
         elif n_out > p.min_tokens and tok in p.stop_token_ids:
             reason, stop_reason = "stop", tok
-        elif self._length_reached(seq, idx + 1):
+        elif seq.length_reached(idx + 1, self.max_model_len):
             reason = "length"
         if reason is None:
             return

@@ -70,6 +70,12 @@ class Sequence:
         """Output token ids known on the host (pending ones excluded)."""
         return self.token_ids[len(self.prompt_token_ids) : len(self.token_ids) - self.num_pending]
 
+    def length_reached(self, num_tokens: int, max_model_len: int) -> bool:
+        """With `num_tokens` tokens (prompt + output) it is at its length limit."""
+        max_tokens = self.params.max_tokens
+        n_out = num_tokens - len(self.prompt_token_ids)
+        return (max_tokens is not None and n_out >= max_tokens) or num_tokens >= max_model_len
+
     def drop_pending(self) -> None:
         """Forget sampled tokens not yet on the host (the request ended before them)."""
         if self.num_pending:
