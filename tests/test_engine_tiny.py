@@ -85,6 +85,24 @@ def test_tiny_triton_backend_mixed_steps(checkpoint, kv):
     llm.close()
 
 
+def test_warm_up_leaves_no_trace(checkpoint):
+    """The CUDA startup warm-up (run here on the CPU): afterwards the counters and timing are
+    zero, no request or cached prefix is left, and generation is unchanged."""
+    from vtensor.engine.warmup import warm_up
+
+    path, _, prompts, refs = checkpoint
+    llm = _llm(path, max_num_batched_tokens=64)
+    eng = llm.llm_engine
+    warm_up(eng)
+    assert not eng.has_unfinished_requests() and not eng.requests
+    assert set(eng.counters.values()) == {0} and set(eng.timing.values()) == {0.0}
+    assert eng.kv_cache.snapshot()["pages_cached"] == 0
+    outs = llm.generate(prompts, greedy(NEW))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert eng.counters["requests_finished"] == len(prompts)
+    llm.close()
+
+
 def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
     """The CUDA-graph decode path (not runnable here) pads a batch to its bucket: real rows
     carry token, position, slot and length; pad rows aim at the private pad slot, length 1."""

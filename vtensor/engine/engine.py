@@ -23,6 +23,7 @@ from vtensor.engine.sampler import Sampler, SamplerOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.scheduler import ScheduledBatch, Scheduler
 from vtensor.engine.sequence import Sequence, Status, new_sequence
+from vtensor.engine.warmup import warm_up
 from vtensor.kv import KVManager
 
 log = logging.getLogger(__name__)
@@ -99,14 +100,14 @@ class LLMEngine:
         phases = ("schedule_s", "launch_s", "kv_wait_s", "forward_s", "process_s", "wait_s")
         self.timing = dict.fromkeys(phases, 0.0)
         self._inflight: InFlight | None = None  # launched, its sampled ids not yet processed
-        # Overlap the CPU's work with the GPU's (inflight.py). Swap preemption copies pages on
-        # the host while the GPU may still write them, so it keeps the plain loop.
+        # Overlap the CPU's work with the GPU's (inflight.py); swap preemption copies pages on
+        # the host while the GPU may still write them: it keeps the plain loop
         self.async_scheduling = args.async_scheduling and args.preemption_mode != "swap"
         self._arrivals = 0
-        self.counters = dict.fromkeys(
-            ("steps", "prefill_steps", "decode_steps", "prompt_tokens_computed",
-             "generation_tokens", "requests_finished"), 0,
-        )  # fmt: skip
+        self.counters = dict.fromkeys(("steps", "prefill_steps", "decode_steps",
+            "prompt_tokens_computed", "generation_tokens", "requests_finished"), 0)  # fmt: skip
+        if self.device.type == "cuda":  # no one-time work (JIT, allocator growth) on a request
+            warm_up(self)
 
     # ------------------------------------------------------------------ requests
 

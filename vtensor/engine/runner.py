@@ -135,7 +135,8 @@ class ModelRunner:
             max_seqlen_q=max(num_new),
             max_seqlen_k=max(c + n for c, n in zip(starts, num_new, strict=True)),
             seq_lens=self._to_dev(dec_lens) if dec_lens else None,
-            max_seq_len=max(dec_lens, default=0),
+            # the graphs' static bound: the decode launch variants captured at startup
+            max_seq_len=self.max_model_len,
             num_decodes=num_decodes,
         )
         ids_t = self._to_dev(ids)
