@@ -138,6 +138,25 @@ def decode_point(
     return res
 
 
+_ALLOC = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+_HOST_ALLOC = ("num_host_alloc", "num_host_free")
+
+
+def allocator_counters(device: torch.device) -> dict[str, int]:
+    """torch's CUDA caching allocator (cudaMalloc / cudaFree calls, retries that freed the
+    cache, whole-device syncs) and pinned host allocator counters: a step that allocates or
+    syncs shows up here. Empty off CUDA."""
+    if device.type != "cuda":
+        return {}
+    st = torch.cuda.memory_stats(device)
+    out = {k: int(st.get(k, 0)) for k in _ALLOC}
+    host = getattr(torch.cuda, "host_memory_stats", None)
+    if host is not None:
+        hs = host()
+        out |= {k: int(hs.get(k, 0)) for k in _HOST_ALLOC}
+    return out
+
+
 def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
     """Run `wl` (waves for multi-turn, as bench e2e) and record every step."""
     from vtensor.engine import SamplingParams
@@ -169,8 +188,10 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
         while eng.has_unfinished_requests():
             c0, tm0 = dict(eng.counters), dict(eng.timing)
             running = len(eng.scheduler.running) + len(eng.scheduler.waiting)
+            a0 = allocator_counters(eng.device)
             outs = eng.step(finished_only=True)
             now = time.perf_counter()
+            a1 = allocator_counters(eng.device)
             d = {
                 k: eng.counters[k] - c0[k]
                 for k in (
@@ -192,9 +213,11 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
                     # host time of the step, and how much of it was blocked on the GPU: a
                     # step whose wait is ~0 was bound by the host, not the GPU
                     **{k[:-2] + "_ms": 1e3 * (eng.timing[k] - tm0[k]) for k in eng.timing},
+                    # allocator calls / syncs during the step (only those that happened)
+                    "alloc": {k: a1[k] - a0[k] for k in a1 if a1[k] != a0[k]},
                 }
             )
-            last = now
+            last = time.perf_counter()  # the counters' own time is not the next step's
             for o in outs:
                 conv, prompt = ids[o.request_id]
                 if conv >= 0:
@@ -214,8 +237,11 @@ def summarize_trace(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "wait_ms" in r:  # (runs before 2026-11-30b did not record it)
             waits.setdefault(b, []).append(r["wait_ms"])
     waves: dict[int, float] = {}
+    alloc: dict[str, int] = {}
     for r in rows:
         waves[r["wave"]] = waves.get(r["wave"], 0.0) + r["ms"]
+        for k, v in r.get("alloc", {}).items():
+            alloc[k] = alloc.get(k, 0) + v
     return {
         "total_s": total / 1e3,
         "steps": len(rows),
@@ -235,6 +261,7 @@ def summarize_trace(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for b, v in sorted(by.items())
         },
         "wave_s": [waves[w] / 1e3 for w in sorted(waves)],
+        "allocator": alloc,  # cudaMalloc / cudaFree / retries / syncs / pinned allocs, summed
     }
 
 
@@ -265,6 +292,8 @@ def format_report(res: dict[str, Any]) -> str:
             f"    steps with prefill: {p['n']} taking {p['s']:.2f} s "
             f"({p['prompt_tokens']} prompt tokens)"
         )
+        if alloc := s.get("allocator"):
+            lines.append("    allocator: " + ", ".join(f"{k} {v}" for k, v in alloc.items()))
         for b, v in s["decode_steps_by_running"].items():
             lines.append(
                 f"    decode, running {b:>6}: {v['n']:5d} steps, {v['s']:.2f} s, "
