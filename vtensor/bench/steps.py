@@ -365,6 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the prefix cache between points (new pages evict old ones)",
     )
+    p.add_argument(
+        "--trim",
+        action="store_true",
+        help="before each trace give the free KV pages back to the driver (as bench vs_vllm "
+        "does between workloads): the trace then creates its pages afresh",
+    )
     p.add_argument("--size", default="full", choices=("full", "quick"), help="workload sizes")
     p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
@@ -398,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": a.model,
         "device": torch.cuda.get_device_name() if eng.device.type == "cuda" else "cpu",
         "engine_config": eng.config.describe(),
+        "trim_before_traces": a.trim,
         "hbm_bytes_per_s": bw,
         "weight_bytes_read": weight_bytes_read(eng.model),
         "kv_bytes_per_token": bpt,
@@ -413,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         res["decode"].append(pt)
         print(f"[steps] decode b={b}: {pt['wall_ms_per_step']:.2f} ms/step", flush=True)
     for name, wl in zip(traces, wls, strict=True):
-        eng.reset_prefix_cache()
+        eng.reset_prefix_cache(trim=a.trim)
         rows = trace_workload(eng, wl)
         if name in res["traces"]:  # traced again (e.g. with the page pool warm this time)
             name = f"{name}#{sum(k.split('#')[0] == name for k in res['traces']) + 1}"
