@@ -1,12 +1,13 @@
 """Startup warm-up (CUDA): run once the step shapes serving will meet, before any request.
 
 Without it the first requests pay for one-time work: Triton compiling the prefill kernel's
-launch variants and the decode kernel's eager ones, cuBLAS choosing its kernels for a full
-token budget, the caching allocator growing its activation segments, pinned host buffers,
-physical KV pages. A 16K-token ShareGPT prefill step measured 0.38 s of host launch time
-cold against 0.05 s warm on the H200. vLLM does the same at startup (a profile run with the
-full token budget, then its graph captures). The warm-up leaves no trace: the prefix cache is
-reset, counters and timing are zeroed (the pool keeps its pages until the idle trim).
+launch variants, cuBLAS choosing its kernels for a full token budget, the caching allocator
+growing its activation segments. On the H200 the first 16K-token step of a ShareGPT run took
+2.1 s without it and 0.67 s with it (bench/results/2026-11-30c). vLLM does the same at startup
+(a profile run with the full token budget, then its graph captures). The warm-up leaves no
+trace: the prefix cache is reset, counters and timing are zeroed (the pool keeps its pages
+until the idle trim). What it does not remove: the later prefill steps of a first pass over a
+workload still launch ~7x slower than on a second pass (cause open; see that README).
 """
 
 from __future__ import annotations
