@@ -85,13 +85,17 @@ def test_tiny_triton_backend_mixed_steps(checkpoint, kv):
     llm.close()
 
 
-def test_warm_up_leaves_no_trace(checkpoint):
+@pytest.mark.parametrize("kw", [
+    dict(max_num_batched_tokens=64),
+    dict(max_num_seqs=1, kv_memory=2**16, preemption_mode="swap"),  # one seq, little KV
+])  # fmt: skip
+def test_warm_up_leaves_no_trace(checkpoint, kw):
     """The CUDA startup warm-up (run here on the CPU): afterwards the counters and timing are
     zero, no request or cached prefix is left, and generation is unchanged."""
     from vtensor.engine.warmup import warm_up
 
     path, _, prompts, refs = checkpoint
-    llm = _llm(path, max_num_batched_tokens=64)
+    llm = _llm(path, **kw)
     eng = llm.llm_engine
     warm_up(eng)
     assert not eng.has_unfinished_requests() and not eng.requests
