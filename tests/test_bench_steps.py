@@ -46,3 +46,17 @@ def test_steps_runs_on_the_cpu(tmp_path, capsys):
     assert sum(r["generated"] for r in tr["rows"]) == wl.stats()["max_output_tokens"]
     assert len(tr["summary"]["wave_s"]) == 2
     assert "trace multi_turn" in capsys.readouterr().out
+
+
+def test_steps_traces_twice_after_touching_every_slot(tmp_path):
+    """A workload named twice is traced twice (the second under its own key); --touch-slots
+    maps a page into every slot first and leaves the cache as it found it."""
+    out = tmp_path / "s.json"
+    args = ["--model", "tiny", "--batches", "", "--size", "quick", "--trace",
+            "multi_turn,multi_turn", "--touch-slots", "--trim", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads(out.read_text())
+    assert set(res["traces"]) == {"multi_turn", "multi_turn#2"}
+    assert res["touched_slots"] > 1 and res["trim_before_traces"] is True
+    a, b = (res["traces"][k]["rows"] for k in ("multi_turn", "multi_turn#2"))
+    assert sum(r["generated"] for r in a) == sum(r["generated"] for r in b) > 0

@@ -157,6 +157,23 @@ def allocator_counters(device: torch.device) -> dict[str, int]:
     return out
 
 
+def touch_slots(eng: Any) -> int:
+    """Map one KV page into every free slot and free them again (public KVManager calls), so
+    that each slot's address range has been mapped once before a trace. Returns the count."""
+    kv, slots = eng.kv_cache, []
+    while (a := kv.acquire(f"__touch{len(slots)}", [len(slots)])) is not None:
+        slots.append(a.slot)
+        if not kv.ensure(a.slot, 1):
+            break
+    kv.apply(kv.take_plan())
+    kv.wait_ready()
+    for s in slots:
+        kv.free(s)
+    kv.apply(kv.take_plan())
+    kv.wait_ready()
+    return len(slots)
+
+
 def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
     """Run `wl` (waves for multi-turn, as bench e2e) and record every step."""
     from vtensor.engine import SamplingParams
@@ -371,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         help="before each trace give the free KV pages back to the driver (as bench vs_vllm "
         "does between workloads): the trace then creates its pages afresh",
     )
+    p.add_argument(
+        "--touch-slots",
+        action="store_true",
+        help="before the traces map a page into every KV slot once (then free it): a first "
+        "pass with each slot's address range already mapped once",
+    )
     p.add_argument("--size", default="full", choices=("full", "quick"), help="workload sizes")
     p.add_argument("--engine-args", default="", help="k=v,... passed to the engine")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
@@ -419,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         res["decode"].append(pt)
         print(f"[steps] decode b={b}: {pt['wall_ms_per_step']:.2f} ms/step", flush=True)
+    if a.touch_slots:
+        res["touched_slots"] = touch_slots(eng)
     for name, wl in zip(traces, wls, strict=True):
         eng.reset_prefix_cache(trim=a.trim)
         rows = trace_workload(eng, wl)
