@@ -202,10 +202,10 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
             p = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             eng.add_request(rid, prompt, p)
         last = time.perf_counter()
+        a0 = allocator_counters(eng.device)
         while eng.has_unfinished_requests():
             c0, tm0 = dict(eng.counters), dict(eng.timing)
             running = len(eng.scheduler.running) + len(eng.scheduler.waiting)
-            a0 = allocator_counters(eng.device)
             outs = eng.step(finished_only=True)
             now = time.perf_counter()
             a1 = allocator_counters(eng.device)
@@ -234,7 +234,7 @@ def trace_workload(eng: Any, wl: Any) -> list[dict[str, Any]]:
                     "alloc": {k: a1[k] - a0[k] for k in a1 if a1[k] != a0[k]},
                 }
             )
-            last = time.perf_counter()  # the counters' own time is not the next step's
+            a0, last = a1, time.perf_counter()  # the counters' own time is not the next step's
             for o in outs:
                 conv, prompt = ids[o.request_id]
                 if conv >= 0:

@@ -94,16 +94,13 @@ def serve_cmd(
     served_name: str = "bench",
     gpu_memory_utilization: float | None = None,
     python: str | None = None,
-    detokenize: bool = True,
 ) -> list[str]:
-    """`vllm serve` as a module run (the console script is not installed by --target).
-    detokenize=False: --skip-tokenizer-init (empty text; less work than `vtensor serve`)."""
+    """`vllm serve` as a module run (the console script is not installed by --target); the
+    folder's tokenizer is loaded, so vLLM detokenizes as `vtensor serve` does."""
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
            "--host", "127.0.0.1", "--port", str(port), "--load-format", load_format,
            "--dtype", dtype, "--max-model-len", str(int(max_model_len)),
            "--served-model-name", served_name]  # fmt: skip
-    if not detokenize:
-        cmd.append("--skip-tokenizer-init")
     if gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", f"{gpu_memory_utilization:.3f}"]
     return cmd

@@ -75,11 +75,6 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ helpers
 
-    def _to_dev(
-        self, x: list[int] | torch.Tensor, dtype: torch.dtype = torch.int32
-    ) -> torch.Tensor:
-        return to_device(x, dtype, self.device)
-
     def _run(self, meta: AttentionMetadata, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         with set_context(AttentionContext(self.backend, meta)):
             return self.model(ids, pos)
@@ -163,7 +158,8 @@ class ModelRunner:
             starts.append(len(flat))
             flat += xs
             flat += [0] * (-len(flat) % 4)
-        dev = self._to_dev(torch.cat([torch.tensor(flat, dtype=torch.int32), table_t.reshape(-1)]))
+        flat_t = torch.cat([torch.tensor(flat, dtype=torch.int32), table_t.reshape(-1)])
+        dev = to_device(flat_t, torch.int32, self.device)
         out = [dev[a : a + len(xs)] for a, xs in zip(starts, lists, strict=True)]
         return [*out, dev[len(flat) :].view(table_t.shape)]
 

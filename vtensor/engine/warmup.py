@@ -44,9 +44,8 @@ def warm_up(engine: LLMEngine) -> None:
     add("mid", [min(512, budget)] * n_mid)
     _drain(engine)
     engine.reset_prefix_cache()
-    for d in (engine.counters, engine.timing):
-        for k in d:
-            d[k] = type(d[k])(0)
+    engine.counters.update(dict.fromkeys(engine.counters, 0))
+    engine.timing.update(dict.fromkeys(engine.timing, 0.0))
 
 
 def _drain(engine: LLMEngine) -> None:

@@ -7,9 +7,8 @@ Two lanes, each FIFO: urgent work (maps the next step needs) always runs first; 
 (unmaps of released pages, each behind a CUDA event recorded after their last reader) runs when
 no urgent work waits and, if it came with a `ready` check, once that says so (the event was
 reached): the thread never blocks inside lazy work on the GPU, so a map the next step needs is
-never stuck behind an unmap waiting for the running step to end (that stalled the GPU for the
-host's whole launch of a 16K-token prefill: it went idle, then waited to be fed). A step never
-waits for unmaps or for the GPU to reach those events.
+never stuck behind an unmap waiting for the running step to end. A step never waits for
+unmaps or for the GPU to reach those events.
 Why reusing a page before its old mapping is gone is safe: a physical page may be mapped at two
 addresses at once, and the new owner's kernels are queued on the same stream after the old
 readers. What must still be ordered, a map at an address whose unmap is pending, the caller
@@ -146,7 +145,7 @@ class Mapper:
     def _is_ready(self, t: Ticket) -> bool:
         try:
             return t._ready()  # type: ignore[misc]
-        except BaseException:  # noqa: BLE001 - run it: the work itself reports the error
+        except Exception:  # run it: the work itself reports the error
             return True
 
     def _loop(self) -> None:
