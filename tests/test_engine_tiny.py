@@ -174,3 +174,21 @@ def test_idle_server_engine_gives_free_pages_back(checkpoint):
         assert snap["pages_free"] == 0 and snap["bytes_physical"] < snap["pages_created"] * 4096
     finally:
         allm.shutdown()
+
+
+@pytest.mark.parametrize("kv", ["virtual", "paged"])
+def test_tiny_padded_step_shapes(checkpoint, kv):
+    """Step shapes padded as on CUDA (engine/shapes.py): pad token rows go to the pad slot and
+    attention ignores them, pad logits rows are dropped; greedy output is unchanged."""
+    path, _, prompts, refs = checkpoint
+    llm = _llm(path, kv=kv, max_num_batched_tokens=16, kv_memory=2**20)
+    runner = llm.llm_engine.runner
+    runner.pad_step_shapes(16)
+    seen: list[int] = []
+    hook = runner.model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    outs = llm.generate(prompts, greedy(NEW))
+    hook.remove()
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert set(seen) <= set(runner.token_sizes) and 3 not in seen  # the 3-token prompt: padded
+    llm.llm_engine.kv_cache.check_integrity()
+    llm.close()

@@ -89,7 +89,9 @@ class LLMEngine:
         )  # fmt: skip
         self.runner = ModelRunner(
             self.model, self.kv_cache, attention, device=dev, max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len, use_cuda_graphs=config.use_cuda_graphs,
+            max_model_len=config.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            use_cuda_graphs=config.use_cuda_graphs,
         )  # fmt: skip
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Sequence] = {}

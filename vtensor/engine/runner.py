@@ -1,14 +1,17 @@
 """ModelRunner: scheduled batch -> input tensors + attention metadata -> model -> logits.
 
-Tokens of the whole batch are flattened (no padding). Prefill steps (any request computing
-more than its one new token, e.g. prompt chunks mixed with decodes) and pure decode steps
-differ only in the metadata they build; on CUDA a decode step replays a CUDA graph captured per
-batch-size bucket. Graphs stay valid while KV pages come and go because the KV base address
-never moves (virtual) or the block pool is static (paged); padded rows of a bucket write to a
-private pad slot so they can never touch a live request's KV. The runner never looks at the
-layout: the KV manager gives the integers (`store_targets`, `kv_index`), the attention backend
-(chosen once) reads them. Decode inputs travel as one pinned host buffer and one
-non-blocking copy: no host sync (the engine's one sync per step is the sampled ids).
+Tokens of the whole batch are flattened. On CUDA a step's token rows and logits rows are padded
+up to one of a fixed set of sizes (`engine/shapes.py`: cuBLAS waits for the GPU at every GEMM
+shape it has not seen); pad rows aim at a private pad slot and attention ignores them. Prefill
+steps (any request computing more than its one new token, e.g. prompt chunks mixed with
+decodes) and pure decode steps differ only in the metadata they build; on CUDA a decode step
+replays a CUDA graph captured per batch-size bucket. Graphs stay valid while KV pages come and
+go because the KV base address never moves (virtual) or the block pool is static (paged);
+padded rows of a bucket write to the pad slot so they can never touch a live request's KV. The
+runner never looks at the layout: the KV manager gives the integers (`store_targets`,
+`kv_index`), the attention backend (chosen once) reads them. Decode inputs travel as one
+pinned host buffer and one non-blocking copy: no host sync (the engine's one sync per step is
+the sampled ids).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vtensor.engine.scheduler import ScheduledBatch
+from vtensor.engine.shapes import padded_size, step_sizes, warm_gemms
 from vtensor.engine.transfer import to_device
 from vtensor.kv import KVManager
 from vtensor.model import AttentionContext, AttentionMetadata, CausalLM, set_context
@@ -53,6 +57,7 @@ class ModelRunner:
         device: torch.device,
         max_num_seqs: int,
         max_model_len: int,
+        max_num_batched_tokens: int | None = None,
         use_cuda_graphs: bool = True,
     ) -> None:
         self.model = model
@@ -65,6 +70,14 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pad_slot: int | None = None
         self.capture_s = 0.0
+        # padded sizes of a step's token rows / logits rows (None: exact sizes)
+        self.token_sizes: list[int] | None = None
+        self.logit_sizes: list[int] | None = None
+        if self.is_cuda:  # (the CPU has no such cost: exact shapes)
+            try:
+                self.pad_step_shapes(max_num_batched_tokens or max_model_len)
+            except RuntimeError as e:
+                log.warning("step shapes not padded: %s", e)
         if self.is_cuda and use_cuda_graphs:
             try:
                 self._capture()
@@ -119,6 +132,13 @@ class ModelRunner:
         store_a, store_b = self.kv.store_targets(slots, starts, num_new)
         dec_lens = [c + 1 for c in starts[:num_decodes]]
         rows = [last[i] for i in sample_rows]
+        if self.token_sizes is not None:  # pad rows: token 0 at position 0 into the pad slot
+            pad = padded_size(self.token_sizes, len(ids)) - len(ids)
+            pad_a, pad_b = self._pad_store
+            ids, pos = ids + [0] * pad, [*pos, *[0] * pad]
+            store_a, store_b = store_a + [pad_a] * pad, store_b + [pad_b] * pad
+        if self.logit_sizes is not None and rows:
+            rows += rows[:1] * (padded_size(self.logit_sizes, len(rows)) - len(rows))
         ids_t, pos_t, a_t, b_t, pre_t, cu_t, lens_t, rows_t, index_t = self._upload(
             [ids, pos, store_a, store_b, starts, cu, dec_lens, rows], self.kv.kv_index(slots)
         )
@@ -142,7 +162,8 @@ class ModelRunner:
         hidden = self._run(meta, ids_t, pos_t)
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32), []
-        return self.model.compute_logits(hidden.index_select(0, rows_t)), sample_rows
+        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
+        return logits[: len(sample_rows)], sample_rows
 
     def _upload(
         self, lists: list[list[int]], table: list[list[int]] | torch.Tensor
@@ -201,34 +222,55 @@ class ModelRunner:
     def _decode(self, batch: ScheduledBatch, fill: TokenFill | None) -> torch.Tensor:
         b = len(batch)
         bucket = next((k for k in self._bucket_list if k >= b), None) if self.graphs else None
-        if bucket is None:  # eager
-            flat = self._decode_inputs(batch, b)
-            head, index = self._split(flat.to(self.device, non_blocking=True), b)
+        if bucket is None:  # eager, pad rows up to a logits size when padding (shapes.py)
+            width = b if self.logit_sizes is None else padded_size(self.logit_sizes, b)
+            flat = self._decode_inputs(batch, width)
+            head, index = self._split(flat.to(self.device, non_blocking=True), width)
             if fill is not None:
                 fill.apply(head[_IDS], fill.seqs)  # one row per request
             hidden = self._run(self._decode_meta(head, index), head[_IDS], head[_POS])
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden)[:b]
         flat = self._decode_inputs(batch, bucket)
         self._static[: flat.numel()].copy_(flat, non_blocking=True)
         if fill is not None:
             fill.apply(self._split(self._static, bucket)[0][_IDS], fill.seqs)
         self.graphs[bucket].replay()
-        return self.model.compute_logits(self._static_hidden[:b])
+        # the logits GEMM at the bucket's size too: one shape per bucket (engine/shapes.py)
+        return self.model.compute_logits(self._static_hidden[:bucket])[:b]
 
     # ------------------------------------------------------------------ CUDA graphs
 
-    def _capture(self) -> None:
-        t0 = time.perf_counter()
-        # A private slot with one token of KV: padded rows write and read only there.
+    def _acquire_pad_slot(self) -> None:
+        """A private slot with one token of KV: pad rows write and read only there."""
+        if self.pad_slot is not None:
+            return
         alloc = self.kv.acquire("__vtensor_pad__", [0])
         if alloc is None or not self.kv.ensure(alloc.slot, 1):
-            raise RuntimeError("no KV room for the CUDA-graph pad slot")
+            raise RuntimeError("no KV room for the pad slot")
         self.kv.apply(self.kv.take_plan())
         self.kv.wait_ready()
         self.pad_slot = s = alloc.slot
         (a,), (b,) = self.kv.store_targets([s], [0], [1])
+        self._pad_store = (a, b)
         self._pad_head = torch.tensor([0, 0, a, b, 1], dtype=torch.int32)
         self._pad_index = self.kv.kv_index([s])[0]
+
+    def pad_step_shapes(self, max_tokens: int) -> None:
+        """From now on pad each step's token rows to `step_sizes(max_tokens)` and its logits
+        rows to the decode buckets (engine/shapes.py)."""
+        self._acquire_pad_slot()
+        self.token_sizes = step_sizes(max_tokens)
+        self.logit_sizes = graph_buckets(self.max_num_seqs)
+
+    def warm_gemms(self) -> int:
+        """Run every GEMM shape padded steps can meet (engine/shapes.py); returns the count."""
+        if self.token_sizes is None or self.logit_sizes is None:
+            return 0
+        return warm_gemms(self.model, self.token_sizes, self.logit_sizes, self.device)
+
+    def _capture(self) -> None:
+        t0 = time.perf_counter()
+        self._acquire_pad_slot()
         max_bs = self.max_num_seqs
         self._bucket_list = graph_buckets(max_bs)
         dev = self.device

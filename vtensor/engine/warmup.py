@@ -1,13 +1,12 @@
 """Startup warm-up (CUDA): run once the step shapes serving will meet, before any request.
 
 Without it the first requests pay for one-time work: Triton compiling the prefill kernel's
-launch variants, cuBLAS choosing its kernels for a full token budget, the caching allocator
-growing its activation segments. On the H200 the first 16K-token step of a ShareGPT run took
-2.1 s without it and 0.67 s with it (bench/results/2026-11-30c). vLLM does the same at startup
-(a profile run with the full token budget, then its graph captures). The warm-up leaves no
-trace: the prefix cache is reset, counters and timing are zeroed (the pool keeps its pages
-until the idle trim). What it does not remove: the later prefill steps of a first pass over a
-workload still launch ~7x slower than on a second pass (cause open; see that README).
+launch variants, cuBLAS's first call at each GEMM shape (which waits for the GPU to drain:
+engine/shapes.py), the caching allocator growing its activation segments. On the H200 the
+first 16K-token step of a ShareGPT run took 2.1 s without it and 0.67 s with it
+(bench/results/2026-11-30c). vLLM does the same at startup (a profile run with the full token
+budget, then its graph captures). The warm-up leaves no trace: the prefix cache is reset,
+counters and timing are zeroed (the pool keeps its pages until the idle trim).
 """
 
 from __future__ import annotations
@@ -23,8 +22,10 @@ _ID = "__vtensor_warmup_"
 
 
 def warm_up(engine: LLMEngine) -> None:
-    """A full-budget prefill (one long prompt), then short prompts whose decodes mix with
-    512-token prompt chunks: the three prefill launch variants and a mixed step."""
+    """Every GEMM shape padded steps can meet, then a full-budget prefill (one long prompt),
+    then short prompts whose decodes mix with 512-token prompt chunks: the three prefill
+    launch variants and a mixed step."""
+    engine.runner.warm_gemms()
     budget = min(engine.config.max_num_batched_tokens, engine.max_model_len - 2,
                  engine.kv_cache.token_capacity() // 2)  # fmt: skip
     if budget < 16:

@@ -8,10 +8,11 @@ norm and Qwen2's qkv bias are config flags), hence one class.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from vtensor.model.config import ModelConfig, UnsupportedModelError
 from vtensor.model.llama import LlamaForCausalLM
@@ -32,6 +33,10 @@ class CausalLM(Protocol):
         ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def modules(self) -> Iterator[nn.Module]:
+        """Every submodule (an nn.Module's): the startup warm-up runs each Linear shape."""
+        ...
 
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
