@@ -11,6 +11,7 @@ counters and timing are zeroed (the pool keeps its pages until the idle trim).
 
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 from vtensor.engine.sampling_params import SamplingParams
@@ -47,6 +48,11 @@ def warm_up(engine: LLMEngine) -> None:
     engine.reset_prefix_cache()
     engine.counters.update(dict.fromkeys(engine.counters, 0))
     engine.timing.update(dict.fromkeys(engine.timing, 0.0))
+    # Everything built so far (torch, Triton, the model, the caches) lives as long as the
+    # engine: out of the cyclic GC's sight, a full collection no longer walks it mid-serving
+    # (as vLLM does after its startup).
+    gc.collect()
+    gc.freeze()
 
 
 def _drain(engine: LLMEngine) -> None:
