@@ -52,7 +52,10 @@ def _prefill_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# The metadata pointers are slices past a mixed step's decode rows: their alignment varies
+# step to step, and specializing on it compiled a second variant of each config mid-serving
+# (~1 s each on the H200, bench/results/2026-11-30d/diag). They are read a scalar at a time.
+@triton.jit(do_not_specialize_on_alignment=["slot_ptr", "bt_ptr", "prefix_ptr", "cu_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, slot_ptr, bt_ptr, prefix_ptr, cu_ptr,
     tiles_ptr, sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sbt_b, so_t, so_h, qk_scale,
