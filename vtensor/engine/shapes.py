@@ -50,13 +50,18 @@ def warm_gemms(model: CausalLM, token_sizes: list[int], logit_sizes: list[int],
         if isinstance(mod, nn.Linear) and mod.out_features != cfg.vocab_size:
             key = (mod.in_features, mod.out_features, mod.weight.dtype, mod.bias is not None)
             shapes.setdefault(key, mod)
+    # largest first: each output fits in the block the previous one freed (ascending sizes
+    # made the caching allocator keep a segment per size: +18 GiB of peak on the H200)
     count = 0
     for mod in shapes.values():
         x = torch.zeros(token_sizes[-1], mod.in_features, dtype=mod.weight.dtype, device=device)
-        for m in token_sizes:
+        for m in reversed(token_sizes):
             mod(x[:m])
         count += len(token_sizes)
     h = torch.zeros(logit_sizes[-1], cfg.hidden_size, dtype=model.dtype, device=device)
-    for m in logit_sizes:
+    for m in reversed(logit_sizes):
         model.compute_logits(h[:m])
+    del x, h
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return count + len(logit_sizes)
