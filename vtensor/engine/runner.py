@@ -266,7 +266,9 @@ class ModelRunner:
         """Run every GEMM shape padded steps can meet (engine/shapes.py); returns the count."""
         if self.token_sizes is None or self.logit_sizes is None:
             return 0
-        return warm_gemms(self.model, self.token_sizes, self.logit_sizes, self.device)
+        n = warm_gemms(self.model, self.token_sizes, self.logit_sizes, self.device)
+        torch.cuda.empty_cache()  # its inputs and outputs: no reason to keep them reserved
+        return n
 
     def _capture(self) -> None:
         t0 = time.perf_counter()

@@ -61,7 +61,4 @@ def warm_gemms(model: CausalLM, token_sizes: list[int], logit_sizes: list[int],
     h = torch.zeros(logit_sizes[-1], cfg.hidden_size, dtype=model.dtype, device=device)
     for m in reversed(logit_sizes):
         model.compute_logits(h[:m])
-    del x, h
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return count + len(logit_sizes)
