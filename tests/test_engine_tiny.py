@@ -107,6 +107,27 @@ def test_warm_up_leaves_no_trace(checkpoint, kw):
     llm.close()
 
 
+def test_warm_up_padded_shapes_and_frozen_heap(checkpoint):
+    """The warm-up with CUDA's padded step shapes (every GEMM size run first), then greedy
+    output unchanged; it freezes the GC heap and close() gives it back."""
+    import gc
+
+    from vtensor.engine.warmup import warm_up
+
+    path, _, prompts, refs = checkpoint
+    llm = _llm(path, max_num_batched_tokens=64)
+    eng = llm.llm_engine
+    eng.runner.pad_step_shapes(64)
+    # qkv, o, gate_up, down at 8 token sizes; the head at the logits sizes
+    assert eng.runner.warm_gemms() == 4 * 8 + len(eng.runner.logit_sizes)
+    warm_up(eng)
+    assert gc.get_freeze_count() > 0
+    outs = llm.generate(prompts, greedy(NEW))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    llm.close()
+    assert gc.get_freeze_count() == 0
+
+
 def test_decode_graph_inputs_pad_to_the_bucket(checkpoint):
     """The CUDA-graph decode path (not runnable here) pads a batch to its bucket: real rows
     carry token, position, slot and length; pad rows aim at the private pad slot, length 1."""

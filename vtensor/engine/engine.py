@@ -7,6 +7,7 @@ drives it from one thread).
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -396,5 +397,10 @@ class LLMEngine:
         self._pending, self._inflight = [], None
         self.runner.close()
         self.kv_cache.close()
+        if gc.get_freeze_count():
+            # the warm-up froze the heap; give it back to the GC so that this engine's cycles
+            # (and the memory they hold) can go once the caller drops it
+            gc.unfreeze()
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

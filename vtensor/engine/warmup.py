@@ -50,7 +50,7 @@ def warm_up(engine: LLMEngine) -> None:
     engine.timing.update(dict.fromkeys(engine.timing, 0.0))
     # Everything built so far (torch, Triton, the model, the caches) lives as long as the
     # engine: out of the cyclic GC's sight, a full collection no longer walks it mid-serving
-    # (as vLLM does after its startup).
+    # (as vLLM does after its startup). LLMEngine.close() unfreezes.
     gc.collect()
     gc.freeze()
 
