@@ -9,6 +9,9 @@
    mapper) and through the Mapper (submit + wait); pages come from a pre-grown pool.
 3. interference: a GEMM loop (CUDA: 8192^2 bf16; host: a small fp32 matmul) timed alone and
    while a second thread keeps the mapper mapping and unmapping 64 pages; slowdown ratio.
+4. shared prefix: the same pages (a cached prompt prefix) mapped into many address ranges (the
+   requests reusing it), from 1, 2 and 4 threads, with the device idle and with GEMMs queued
+   from another thread: what admitting a wave of prefix-hit requests costs the mapper.
 """
 
 from __future__ import annotations
@@ -222,6 +225,64 @@ def interference(b, trials: int, iters: int, churn_pages: int) -> dict:
     }
 
 
+# ---- 4. shared prefix ----
+def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], gemms: bool
+                  ) -> list[dict]:  # fmt: skip
+    """us per page mapping when `requests` ranges each map the same `prefix_pages` pages."""
+    pool = PagePool(b, grow_batch=prefix_pages)
+    pages = pool.alloc(prefix_pages)
+    handles = [p.handle for p in pages]
+    span = prefix_pages * b.page_size
+    addrs = [b.reserve(span) for _ in range(requests)]
+    stop = threading.Event()
+    load = None
+    if gemms and b.name == "cuda":  # a serving loop's launches and kernels meanwhile
+        x = torch.randn(4096, 4096, device=b.device, dtype=torch.bfloat16)
+
+        def gemm_loop() -> None:
+            while not stop.is_set():
+                for _ in range(8):
+                    torch.mm(x, x)
+                torch.cuda.synchronize(b.device)
+
+        load = threading.Thread(target=gemm_loop, daemon=True)
+        load.start()
+    rows = []
+    try:
+        for t in threads:
+            parts = [addrs[i::t] for i in range(t)]
+
+            def work(part: list[int]) -> None:
+                for a in part:
+                    b.map_range(a, handles)
+
+            workers = [threading.Thread(target=work, args=(part,)) for part in parts]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            dt = time.perf_counter() - t0
+            for a in addrs:
+                for i in range(prefix_pages):
+                    b.unmap(a + i * b.page_size)
+            rows.append({"threads": t, "gemms": load is not None, "prefix_pages": prefix_pages,
+                         "requests": requests, "s": dt,
+                         "us_per_page": dt / (prefix_pages * requests) * 1e6})  # fmt: skip
+            _log(f"  {t} thread(s){' + GEMMs' if load else ''}: {rows[-1]['us_per_page']:.2f} "
+                 f"us per page mapping ({requests} x {prefix_pages} pages in {dt:.3f} s)")
+    finally:
+        stop.set()
+        if load is not None:
+            load.join()
+        for a in addrs:
+            b.free_reservation(a, span)
+        for p in pages:
+            pool.decref(p)
+        pool.close()
+    return rows
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
 
@@ -270,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,64,512")
     p.add_argument("--trials", type=int, default=7, help="interference trials (each side)")
     p.add_argument("--iters", type=int, default=None, help="GEMMs per interference trial")
+    p.add_argument("--prefix-pages", type=int, default=128,
+                   help="stage 4: pages of the shared prefix (128 = 2K Llama-3-8B tokens)")
+    p.add_argument("--prefix-requests", type=int, default=100,
+                   help="stage 4: address ranges (requests) it is mapped into")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
@@ -292,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         _log(f"backend {b.name} on {res['device_name']}, page {b.page_size} bytes")
-        _log(f"stage 1/3: per-op latency over {args.ops} pages")
+        _log(f"stage 1/4: per-op latency over {args.ops} pages")
         res["per_op_latency"] = per_op(b, 8 if args.quick else args.ops)
         for k, v in res["per_op_latency"].items():
             _log(f"  {k:28s} median {v['median_us']:8.2f} us  p90 {v['p90_us']:8.2f} us")
-        _log(f"stage 2/3: mapping throughput, batches {batches}")
+        _log(f"stage 2/4: mapping throughput, batches {batches}")
         res["throughput"] = throughput(b, batches, 64 if args.quick else 1024)
-        _log("stage 3/3: GEMM interference (alone vs. mapper map/unmap churn)")
+        _log("stage 3/4: GEMM interference (alone vs. mapper map/unmap churn)")
         res["interference"] = interference(
             b, 1 if args.quick else args.trials, 1 if args.quick else iters, 8 if args.quick else 64
         )
@@ -308,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{it['busy_tflops']:.2f} TFLOP/s -> slowdown {100 * it['slowdown']:+.2f}% "
             f"({it['churn_page_ops_per_s']:.0f} page map/unmaps per s during the GEMMs)"
         )
+        pp, reqs = (4, 8) if args.quick else (args.prefix_pages, args.prefix_requests)
+        _log(f"stage 4/4: a {pp}-page shared prefix mapped into {reqs} ranges")
+        res["shared_prefix"] = [
+            row for gemms in ((False, True) if b.name == "cuda" else (False,))
+            for row in shared_prefix(b, pp, reqs, [1, 2, 4], gemms)
+        ]  # fmt: skip
     finally:
         b.close()
     if args.out:
