@@ -135,7 +135,7 @@ class ModelRunner:
         if self.token_sizes is not None:  # pad rows: token 0 at position 0 into the pad slot
             pad = padded_size(self.token_sizes, len(ids)) - len(ids)
             pad_a, pad_b = self._pad_store
-            ids, pos = ids + [0] * pad, [*pos, *[0] * pad]
+            ids, pos = ids + [0] * pad, pos + [0] * pad
             store_a, store_b = store_a + [pad_a] * pad, store_b + [pad_b] * pad
         if self.logit_sizes is not None and rows:
             rows += rows[:1] * (padded_size(self.logit_sizes, len(rows)) - len(rows))

@@ -5,9 +5,9 @@ M (measured on the H200, torch 2.11+cu130: ~47 ms of queued work waited for at a
 0.05 ms at a repeated one, lazy or eager module loading alike; bench/results/2026-11-30d/diag).
 A serving loop meets a new token count nearly every prefill step and a new batch size nearly
 every decode step, so a first pass over a workload loses its CPU/GPU overlap step after step.
-Padding each step's token rows (and logits rows) up to one of a few hundred sizes, all run once
-at startup, makes every GEMM shape one the process has seen. GEMMs run in 64-256-row tiles, so
-rounding up to a multiple of 16 (<= 1/16 of M above 256) costs little GPU time.
+Padding each step's token rows (and logits rows) up to one of ~120 sizes (~80 for logits), all
+run once at startup, makes every GEMM shape one the process has seen. GEMMs run in 64-256-row
+tiles, so rounding up to a multiple of 16 (<= 1/16 of M above 256) costs little GPU time.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from vtensor.model import CausalLM
 
 
 def step_sizes(max_tokens: int) -> list[int]:
-    """1, 2, 4, 8, 16, then 16 sizes per doubling (each a multiple of 16), and max_tokens:
-    ~130 sizes for 16384, padding <= 6.25% above 256 tokens."""
+    """1, 2, 4, 8, every 16 to 256, then 16 sizes per doubling (each a multiple of 16), and
+    max_tokens: 116 sizes for 16384, padding <= 6.25% above 256 tokens."""
     sizes = {1, 2, 4, 8, *range(16, 257, 16), max_tokens}
     lo = 256
     while lo < max_tokens:
