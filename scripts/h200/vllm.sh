@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the H200, from the repo root, once the five vLLM pieces have arrived (README.md here):
+# On the H200, from the repo root, once the six vLLM pieces have arrived (README.md here):
 #   source scripts/h200/vllm.sh
 # vtensor's wheels (device.sh, carry .whl) and vLLM 0.26.0 in /tmp/vllm-site (carry
 # .vl/install.sh and .vl/sha256; installs on first use, ~1 min). The bench puts that folder on
