@@ -1,7 +1,9 @@
 """Which Triton kernel variants does a traced workload meet that the startup did not build, and
 does Python's cyclic GC stop the loop? Logs every in-memory JIT cache miss (a compile or a
 disk-cache load) with its constexprs and the arguments specialized as 16-divisible, and every
-GC pass over 20 ms, then runs `vtensor.bench.steps` with the given arguments.
+GC pass over 20 ms (`--no-freeze`: without the startup's gc.freeze(); `--sync-debug`: every
+torch op that syncs the host, as torch's sync debug mode reports it), then runs
+`vtensor.bench.steps` with the given arguments.
     PYTHONPATH=. python3 bench/results/2026-11-30d/diag/compiles.py --batches '' --trace sharegpt
 """
 
@@ -43,5 +45,18 @@ gc.callbacks.append(gc_timer)
 if "--no-freeze" in sys.argv:  # the startup's gc.freeze() undone: the A/B's other side
     sys.argv.remove("--no-freeze")
     gc.freeze = lambda: None
+if "--sync-debug" in sys.argv:  # torch warns (with the stack) at every op that syncs the host
+    sys.argv.remove("--sync-debug")
+    import warnings
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        print(f"[sync] t={time.perf_counter() - T0:7.2f}s {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
 knobs.runtime.jit_cache_hook = hook
 sys.exit(main(sys.argv[1:]))
