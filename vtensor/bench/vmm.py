@@ -10,8 +10,9 @@
 3. interference: a GEMM loop (CUDA: 8192^2 bf16; host: a small fp32 matmul) timed alone and
    while a second thread keeps the mapper mapping and unmapping 64 pages; slowdown ratio.
 4. shared prefix: the same pages (a cached prompt prefix) mapped into many address ranges (the
-   requests reusing it), from 1, 2 and 4 threads, with the device idle and with GEMMs queued
-   from another thread: what admitting a wave of prefix-hit requests costs the mapper.
+   requests reusing it), from 1, 2 and 4 threads, while another thread is idle, runs Python
+   (the engine's main thread scheduling) or queues GEMMs (CUDA): what admitting a wave of
+   prefix-hit requests costs the mapper.
 """
 
 from __future__ import annotations
@@ -226,27 +227,34 @@ def interference(b, trials: int, iters: int, churn_pages: int) -> dict:
 
 
 # ---- 4. shared prefix ----
-def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], gemms: bool
+def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load: str
                   ) -> list[dict]:  # fmt: skip
-    """us per page mapping when `requests` ranges each map the same `prefix_pages` pages."""
+    """us per page mapping when `requests` ranges each map the same `prefix_pages` pages,
+    while another thread is idle, queues GEMMs (CUDA) or runs Python (as the engine's main
+    thread does while it schedules and launches: the mapper then waits for the GIL after
+    every driver call that released it)."""
     pool = PagePool(b, grow_batch=prefix_pages)
     pages = pool.alloc(prefix_pages)
     handles = [p.handle for p in pages]
     span = prefix_pages * b.page_size
     addrs = [b.reserve(span) for _ in range(requests)]
     stop = threading.Event()
-    load = None
-    if gemms and b.name == "cuda":  # a serving loop's launches and kernels meanwhile
-        x = torch.randn(4096, 4096, device=b.device, dtype=torch.bfloat16)
+    x = torch.randn(4096, 4096, device=b.device, dtype=torch.bfloat16) if load == "gemms" else None
 
-        def gemm_loop() -> None:
-            while not stop.is_set():
-                for _ in range(8):
-                    torch.mm(x, x)
-                torch.cuda.synchronize(b.device)
+    def gemm_loop() -> None:
+        while not stop.is_set():
+            for _ in range(8):
+                torch.mm(x, x)
+            torch.cuda.synchronize(b.device)
 
-        load = threading.Thread(target=gemm_loop, daemon=True)
-        load.start()
+    def python_loop() -> None:
+        while not stop.is_set():
+            sum(i * i for i in range(1000))
+
+    other = {"gemms": gemm_loop, "python": python_loop}.get(load)
+    loader = threading.Thread(target=other, daemon=True) if other else None
+    if loader is not None:
+        loader.start()
     rows = []
     try:
         for t in threads:
@@ -266,15 +274,15 @@ def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], gemms
             for a in addrs:
                 for i in range(prefix_pages):
                     b.unmap(a + i * b.page_size)
-            rows.append({"threads": t, "gemms": load is not None, "prefix_pages": prefix_pages,
+            rows.append({"threads": t, "load": load, "prefix_pages": prefix_pages,
                          "requests": requests, "s": dt,
                          "us_per_page": dt / (prefix_pages * requests) * 1e6})  # fmt: skip
-            _log(f"  {t} thread(s){' + GEMMs' if load else ''}: {rows[-1]['us_per_page']:.2f} "
-                 f"us per page mapping ({requests} x {prefix_pages} pages in {dt:.3f} s)")
+            _log(f"  {t} thread(s), {load:6s}: {rows[-1]['us_per_page']:9.2f} us per page "
+                 f"mapping ({requests} x {prefix_pages} pages in {dt:.3f} s)")
     finally:
         stop.set()
-        if load is not None:
-            load.join()
+        if loader is not None:
+            loader.join()
         for a in addrs:
             b.free_reservation(a, span)
         for p in pages:
@@ -375,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         pp, reqs = (4, 8) if args.quick else (args.prefix_pages, args.prefix_requests)
         _log(f"stage 4/4: a {pp}-page shared prefix mapped into {reqs} ranges")
-        res["shared_prefix"] = [
-            row for gemms in ((False, True) if b.name == "cuda" else (False,))
-            for row in shared_prefix(b, pp, reqs, [1, 2, 4], gemms)
+        loads = ["idle", "python"] + (["gemms"] if b.name == "cuda" else [])
+        res["shared_prefix"] = [  # under Python load a map can wait ms for the GIL: fewer
+            row for load in loads
+            for row in shared_prefix(b, pp, reqs if load != "python" else max(1, reqs // 20),
+                                     [1, 2, 4], load)
         ]  # fmt: skip
     finally:
         b.close()
