@@ -35,7 +35,10 @@ _MAP_SHARED, _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = (
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# PyDLL: the calls keep the GIL. They take microseconds; released per call (CDLL), a mapper
+# thread waits up to a switch interval (5 ms) to get it back whenever the engine's main thread
+# runs Python, and a page map went from ~5 us to ms (`python -m vtensor.bench.vmm`, stage 4).
+_libc = ctypes.PyDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
     ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
