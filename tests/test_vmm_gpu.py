@@ -177,3 +177,31 @@ def test_backend_on_second_device():
     m.close()
     pool.close()
     b.close()
+
+
+def test_held_gil_driver_maps_aliases_and_unmaps():
+    """CudaBackend(held_gil=True) (libcuda through ctypes.PyDLL): data written through one
+    mapping reads back through an alias, unmaps return every page, and a bad map reports a
+    DriverError as the cuda-bindings path does."""
+    from vtensor.vmm.cuda import CudaBackend
+
+    b = CudaBackend(held_gil=True)
+    pool = PagePool(b)
+    ps = b.page_size
+    vt, alias = VirtualTensor(pool, 4 * ps), VirtualTensor(pool, 2 * ps)
+    vt.map(0, 4).wait()
+    alias.map_pages(0, [vt.page(2), vt.page(3)]).wait()
+    ref = _randn((2 * ps // 4,), 3)
+    vt.view(torch.float32, (2 * ps // 4,), offset_bytes=2 * ps).copy_(ref.to("cuda"))
+    torch.testing.assert_close(alias.view(torch.float32, (2 * ps // 4,)).cpu(), ref)
+    alias.unmap(0, 2).wait()
+    vt.unmap(0, 4).wait()
+    assert pool.num_in_use() == 0
+    page = pool.alloc(1)[0]
+    with pytest.raises(DriverError):
+        b.map_only(b.granularity // 2 + 1, b._objs[page.handle])  # misaligned address
+    pool.decref(page)
+    alias.close()
+    vt.close()
+    pool.close()
+    b.close()

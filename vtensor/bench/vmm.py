@@ -227,8 +227,8 @@ def interference(b, trials: int, iters: int, churn_pages: int) -> dict:
 
 
 # ---- 4. shared prefix ----
-def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load: str
-                  ) -> list[dict]:  # fmt: skip
+def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load: str,
+                  label: str = "") -> list[dict]:  # fmt: skip
     """us per page mapping when `requests` ranges each map the same `prefix_pages` pages,
     while another thread is idle, queues GEMMs (CUDA) or runs Python (as the engine's main
     thread does while it schedules and launches: the mapper then waits for the GIL after
@@ -277,7 +277,7 @@ def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load:
             rows.append({"threads": t, "load": load, "prefix_pages": prefix_pages,
                          "requests": requests, "s": dt,
                          "us_per_page": dt / (prefix_pages * requests) * 1e6})  # fmt: skip
-            _log(f"  {t} thread(s), {load:6s}: {rows[-1]['us_per_page']:9.2f} us per page "
+            _log(f"  {label} {t} thread(s), {load:6s}: {rows[-1]['us_per_page']:9.2f} us per page "
                  f"mapping ({requests} x {prefix_pages} pages in {dt:.3f} s)")
     finally:
         stop.set()
@@ -384,11 +384,21 @@ def main(argv: list[str] | None = None) -> int:
         pp, reqs = (4, 8) if args.quick else (args.prefix_pages, args.prefix_requests)
         _log(f"stage 4/4: a {pp}-page shared prefix mapped into {reqs} ranges")
         loads = ["idle", "python"] + (["gemms"] if b.name == "cuda" else [])
-        res["shared_prefix"] = [  # under Python load a map can wait ms for the GIL: fewer
-            row for load in loads
-            for row in shared_prefix(b, pp, reqs if load != "python" else max(1, reqs // 20),
-                                     [1, 2, 4], load)
-        ]  # fmt: skip
+        drivers = [("default", b)]
+        if b.name == "cuda":  # the same calls with the GIL held (vmm/cuda_held.py)
+            from vtensor.vmm.cuda import CudaBackend
+
+            drivers.append(("held-gil", CudaBackend(b.device, b.page_size, held_gil=True)))
+        res["shared_prefix"] = []
+        try:
+            for name, d in drivers:
+                for load in loads:  # under Python load a map can wait ms for the GIL: fewer
+                    n = reqs if load != "python" else max(1, reqs // 20)
+                    for row in shared_prefix(d, pp, n, [1, 2, 4], load, name):
+                        res["shared_prefix"].append({"driver": name, **row})
+        finally:
+            for _, d in drivers[1:]:
+                d.close()
     finally:
         b.close()
     if args.out:

@@ -43,8 +43,12 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(
-        self, device: torch.device | str | int | None = None, page_size: int | None = None
+        self,
+        device: torch.device | str | int | None = None,
+        page_size: int | None = None,
+        held_gil: bool = False,
     ):
+        """held_gil: map / unmap / set access with the GIL held (`cuda_held.py`)."""
         from cuda.bindings import driver as cu
 
         self._cu = cu
@@ -74,6 +78,11 @@ class CudaBackend(Backend):
         desc.location.id = self.ordinal
         desc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [desc]
+        self._held = None
+        if held_gil:
+            from vtensor.vmm.cuda_held import HeldGilDriver
+
+            self._held = HeldGilDriver(desc)
         with self._current():
             gran = self._call(
                 "cuMemGetAllocationGranularity",
@@ -213,16 +222,29 @@ class CudaBackend(Backend):
 
     # The two halves of map, separately callable for the benchmark's per-op latencies.
     def map_only(self, addr: int, obj: Any) -> None:
+        if self._held is not None:
+            self._check_held("cuMemMap", self._held.map(addr, self.page_size, int(obj)))
+            return
         self._call("cuMemMap", self._cu.cuMemMap(addr, self.page_size, 0, obj, 0))
 
     def set_access(self, addr: int, nbytes: int) -> None:
+        if self._held is not None:
+            self._check_held("cuMemSetAccess", self._held.set_access(addr, nbytes))
+            return
         self._call("cuMemSetAccess", self._cu.cuMemSetAccess(addr, nbytes, self._access, 1))
+
+    def _check_held(self, call: str, err: int) -> None:
+        if err:
+            self._call(call, (self._cu.CUresult(err),))
 
     def unmap(self, addr: int) -> None:
         with self._lock:
             handle = self._check_unmap(addr)
         with self._current():
-            self._call("cuMemUnmap", self._cu.cuMemUnmap(addr, self.page_size))
+            if self._held is not None:
+                self._check_held("cuMemUnmap", self._held.unmap(addr, self.page_size))
+            else:
+                self._call("cuMemUnmap", self._cu.cuMemUnmap(addr, self.page_size))
         with self._lock:
             del self._mapped[addr]
             if handle in self._handles:
