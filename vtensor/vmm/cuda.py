@@ -15,6 +15,7 @@ construction, before any real map can be queued, so the scratch never races a re
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from typing import Any
@@ -46,9 +47,10 @@ class CudaBackend(Backend):
         self,
         device: torch.device | str | int | None = None,
         page_size: int | None = None,
-        held_gil: bool = False,
+        held_gil: bool | None = None,
     ):
-        """held_gil: map / unmap / set access with the GIL held (`cuda_held.py`)."""
+        """held_gil: map / unmap / set access with the GIL held (`cuda_held.py`); default
+        from VTENSOR_VMM_HELD_GIL=1 (off), so an engine run can A/B it unchanged."""
         from cuda.bindings import driver as cu
 
         self._cu = cu
@@ -79,6 +81,8 @@ class CudaBackend(Backend):
         desc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [desc]
         self._held = None
+        if held_gil is None:
+            held_gil = os.environ.get("VTENSOR_VMM_HELD_GIL") == "1"
         if held_gil:
             from vtensor.vmm.cuda_held import HeldGilDriver
 

@@ -4,8 +4,9 @@ Why: a call that releases the GIL (as ctypes.CDLL does, and as cuda-bindings may
 mapper thread wait to take it back, up to a switch interval (5 ms) each time, whenever the
 engine's main thread runs Python: on the host backend one page map went from ~5 us to 2.4-7 ms
 that way (bench/results/2026-11-30d/host_vmm). These three calls take microseconds, so holding
-the GIL through them costs the main thread little. Opt-in (`CudaBackend(held_gil=True)`) until
-`python -m vtensor.bench.vmm` (stage 4) has compared it with cuda-bindings on a GPU.
+the GIL through them costs the main thread little. Opt-in (`CudaBackend(held_gil=True)`, or
+VTENSOR_VMM_HELD_GIL=1 for a whole engine run) until `python -m vtensor.bench.vmm` (stage 4)
+and an engine trace have compared it with cuda-bindings on a GPU.
 
 The access descriptor is cuda-bindings' own struct (passed by its address), so only scalar
 arguments cross ctypes.
