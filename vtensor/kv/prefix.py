@@ -27,7 +27,9 @@ class PrefixSharing(KVCacheBase):
         n, lay = len(token_ids), self.layout
         best: Slot | None = None
         for node in [self.tree.root, *self.tree.match(token_ids)]:
-            start = 0 if node.depth == 0 else lay.chunk_end(node.depth - 1)
+            if not node.tails:
+                continue
+            start = 0 if node.depth == 0 else self.tree.chunk_end(node.depth - 1)
             for sid in node.tails:
                 s = self.slots[sid]
                 v = len(s.tokens)
@@ -65,7 +67,7 @@ class PrefixSharing(KVCacheBase):
         # source, so that no eviction can take the source (a parked slot, a cached page) away.
         self.tree.lock(path)
         room = self._make_room(1)
-        t0 = 0 if k == 0 else lay.chunk_end(k - 1)  # first token after the matched chunks
+        t0 = 0 if k == 0 else self.tree.chunk_end(k - 1)  # first token after the matched chunks
         best_m, src = lay.tokens_in_pages(k), None  # src: bytes of page k beyond the path
         cap = lay.tokens_in_pages(k + 1)
         if t0 < n and room:
