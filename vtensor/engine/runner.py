@@ -70,6 +70,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pad_slot: int | None = None
         self.capture_s = 0.0
+        # batch sizes with a decode graph; also the padded logits sizes (shapes.py)
+        self.buckets = graph_buckets(max_num_seqs)
         # padded sizes of a step's token rows / logits rows (None: exact sizes)
         self.token_sizes: list[int] | None = None
         self.logit_sizes: list[int] | None = None
@@ -221,9 +223,9 @@ class ModelRunner:
 
     def _decode(self, batch: ScheduledBatch, fill: TokenFill | None) -> torch.Tensor:
         b = len(batch)
-        bucket = next((k for k in self._bucket_list if k >= b), None) if self.graphs else None
-        if bucket is None:  # eager, pad rows up to a logits size when padding (shapes.py)
-            width = b if self.logit_sizes is None else padded_size(self.logit_sizes, b)
+        bucket = padded_size(self.buckets, b)
+        if bucket not in self.graphs:  # eager, pad rows up to the bucket when padding (shapes.py)
+            width = b if self.logit_sizes is None else bucket
             flat = self._decode_inputs(batch, width)
             head, index = self._split(flat.to(self.device, non_blocking=True), width)
             if fill is not None:
@@ -260,7 +262,7 @@ class ModelRunner:
         rows to the decode buckets (engine/shapes.py)."""
         self._acquire_pad_slot()
         self.token_sizes = step_sizes(max_tokens)
-        self.logit_sizes = graph_buckets(self.max_num_seqs)
+        self.logit_sizes = self.buckets
 
     def warm_gemms(self) -> int:
         """Run every GEMM shape padded steps can meet (engine/shapes.py); returns the count."""
@@ -274,7 +276,6 @@ class ModelRunner:
         t0 = time.perf_counter()
         self._acquire_pad_slot()
         max_bs = self.max_num_seqs
-        self._bucket_list = graph_buckets(max_bs)
         dev = self.device
         pad = ScheduledBatch()  # no real rows: every row is a pad row
         self._static = self._decode_inputs(pad, max_bs).to(dev)  # sized for the largest
@@ -282,7 +283,7 @@ class ModelRunner:
         self._static_hidden = torch.zeros(max_bs, hidden_size, dtype=self.model.dtype, device=dev)
         pool = None
         with torch.inference_mode():
-            for bs in reversed(self._bucket_list):  # largest first: the others reuse its pool
+            for bs in reversed(self.buckets):  # largest first: the others reuse its pool
                 # the same carving as _decode_inputs(batch, bs): replay copies into its prefix
                 flat = self._decode_inputs(pad, bs)
                 self._static[: flat.numel()].copy_(flat)
