@@ -15,7 +15,6 @@ from vtensor.model.config import ModelConfig
 from vtensor.model.context import get_context
 from vtensor.model.layers import RMSNorm, RotaryEmbedding
 from vtensor.ops.fused import rope_store_kv
-from vtensor.ops.linear import Linear
 
 
 class Attention(nn.Module):
@@ -28,10 +27,10 @@ class Attention(nn.Module):
         self.q_size = config.q_size
         self.kv_size = config.kv_size
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = Linear(
+        self.qkv_proj = nn.Linear(
             config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias
         )
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         # Shared by all layers (one cos/sin cache); kept out of this module's parameters.

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from vtensor.ops.fused import fused_add_rms_norm, rms_norm, rotate_neox, silu_mul
-from vtensor.ops.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -158,8 +157,8 @@ class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up, one kernel

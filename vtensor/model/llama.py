@@ -15,7 +15,6 @@ from torch import nn
 from vtensor.model.attention import Attention
 from vtensor.model.config import ModelConfig
 from vtensor.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from vtensor.ops.linear import Linear
 
 # checkpoint projection name -> (fused parameter module, shard index within it)
 PACKED: dict[str, tuple[str, int]] = {
@@ -82,7 +81,7 @@ class LlamaForCausalLM(nn.Module):
             freq_factors,
         )
         self.model = LlamaModel(config, self.rotary_emb)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
