@@ -205,3 +205,20 @@ def test_held_gil_driver_maps_aliases_and_unmaps():
     vt.close()
     pool.close()
     b.close()
+
+
+def test_min_page_size_rounds_up_to_the_granularity():
+    """The engine asks for pages of >= KV_PAGE_TOKENS tokens; the backend rounds that up to
+    whole granules, and never below one."""
+    from vtensor.vmm.cuda import CudaBackend
+
+    small = CudaBackend()
+    g = small.granularity
+    small.close()
+    for want, pages in ((None, 1), (1, 1), (g, 1), (g + 1, 2), (3 * g + 5, 4)):
+        b = CudaBackend(min_page_size=want)
+        assert b.page_size == pages * g
+        b.close()
+    b = CudaBackend(page_size=2 * g, min_page_size=8 * g)  # an explicit size wins
+    assert b.page_size == 2 * g
+    b.close()

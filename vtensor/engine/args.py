@@ -44,7 +44,7 @@ class EngineArgs:
     enable_prefix_cache: bool = True
     preemption_mode: str = "recompute"  # or "swap"
     enforce_eager: bool = False  # no CUDA graphs
-    page_size: int | None = None  # virtual KV page bytes (host default when None)
+    page_size: int | None = None  # virtual KV page bytes (None: EngineConfig decides)
     block_size: int = 16  # paged KV
     attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)
     async_map: bool = True

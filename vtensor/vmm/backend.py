@@ -133,8 +133,14 @@ class Backend(ABC):
         del self._res_size[addr]
 
 
-def make_backend(device: str | torch.device = "auto", page_size: int | None = None) -> Backend:
-    """ "auto": CudaBackend on the current CUDA device if CUDA is available, else HostBackend."""
+def make_backend(
+    device: str | torch.device = "auto",
+    page_size: int | None = None,
+    min_page_size: int | None = None,
+) -> Backend:
+    """ "auto": CudaBackend on the current CUDA device if CUDA is available, else HostBackend.
+    min_page_size (CUDA, with page_size None): pages of at least this many bytes, rounded up to
+    the driver's granularity."""
     if isinstance(device, str) and device in ("auto", "host", "cpu"):
         if device == "auto" and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
@@ -156,4 +162,4 @@ def make_backend(device: str | torch.device = "auto", page_size: int | None = No
         raise ValueError(f"unsupported device {device!r}: expected auto, host, cpu or cuda[:N]")
     from vtensor.vmm.cuda import CudaBackend
 
-    return CudaBackend(dev, page_size=page_size)
+    return CudaBackend(dev, page_size=page_size, min_page_size=min_page_size)

@@ -48,9 +48,12 @@ class CudaBackend(Backend):
         device: torch.device | str | int | None = None,
         page_size: int | None = None,
         held_gil: bool | None = None,
+        min_page_size: int | None = None,
     ):
-        """held_gil: map / unmap / set access with the GIL held (`cuda_held.py`); default
-        from VTENSOR_VMM_HELD_GIL=1 (off), so an engine run can A/B it unchanged."""
+        """page_size: a multiple of the allocation granularity (2 MiB on NVIDIA GPUs); None:
+        the granularity, or min_page_size rounded up to it. held_gil: map / unmap / set access
+        with the GIL held (`cuda_held.py`); default from VTENSOR_VMM_HELD_GIL=1 (off), so an
+        engine run can A/B it unchanged."""
         from cuda.bindings import driver as cu
 
         self._cu = cu
@@ -95,7 +98,10 @@ class CudaBackend(Backend):
                 ),
             )
         self.granularity = int(gran)
-        page_size = self.granularity if page_size is None else int(page_size)
+        if page_size is None:
+            want = max(int(min_page_size or 0), self.granularity)
+            page_size = -(-want // self.granularity) * self.granularity
+        page_size = int(page_size)
         if page_size <= 0 or page_size % self.granularity:
             raise ValueError(f"page_size={page_size} must be a multiple of {self.granularity}")
         super().__init__(page_size)

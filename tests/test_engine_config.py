@@ -1,0 +1,48 @@
+"""EngineConfig's device-dependent defaults, checked without a GPU (the backend is recorded,
+not created)."""
+
+from __future__ import annotations
+
+import torch
+
+from vtensor.engine import config as config_mod
+from vtensor.engine.args import EngineArgs
+from vtensor.engine.config import KV_PAGE_TOKENS, EngineConfig
+from vtensor.kv import KVSpec
+from vtensor.vmm.host import HostBackend
+
+SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+
+
+def _config(device: str, **kw) -> EngineConfig:
+    args = EngineArgs(model="x", kv_memory=2**24, max_model_len=256, max_num_seqs=4, **kw)
+    return EngineConfig(
+        device=torch.device(device), kv="virtual", max_model_len=256, max_num_seqs=4,
+        max_num_batched_tokens=256, kv_memory=2**24, num_kv_slots=4, use_cuda_graphs=False,
+        attention_backend="torch", enable_prefix_cache=True, preemption_mode="recompute",
+        page_size=args.page_size, block_size=16, async_map=False, kv_idle_trim_s=None,
+    )  # fmt: skip
+
+
+def _recorded(monkeypatch, cfg: EngineConfig) -> dict:
+    seen = {}
+
+    def fake(device, page_size=None, min_page_size=None):
+        seen.update(device=device, page_size=page_size, min_page_size=min_page_size)
+        return HostBackend(page_size=page_size)
+
+    monkeypatch.setattr(config_mod, "make_backend", fake)
+    cfg.kv_manager(SPEC).close()
+    return seen
+
+
+def test_cuda_pages_hold_kv_page_tokens(monkeypatch):
+    seen = _recorded(monkeypatch, _config("cuda"))
+    assert seen["page_size"] is None
+    assert seen["min_page_size"] == KV_PAGE_TOKENS * SPEC.bytes_per_token
+
+
+def test_cpu_and_explicit_page_sizes_are_left_alone(monkeypatch):
+    assert _recorded(monkeypatch, _config("cpu"))["min_page_size"] is None
+    seen = _recorded(monkeypatch, _config("cuda", page_size=2**16))
+    assert seen["page_size"] == 2**16
