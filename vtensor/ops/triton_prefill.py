@@ -40,13 +40,16 @@ def _prefill_tile(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [M, N], log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)  # [M, N]
     if MASK:
         ok = (offs[None, :] <= q_pos[:, None]) & nmask[None, :]
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # the scale rides in the exponent's FMA (s * scale - m), not a pass of its own over the
+    # tile: softmax's FP32 work competes with the MMAs (H200: +1.5-3% on long prompts, same
+    # output bits; bench/results/2026-11-30e/diag/prefill_fold.py)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
