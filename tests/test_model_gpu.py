@@ -65,24 +65,41 @@ def setup(default_gguf_path):
             )  # fmt: skip
             seqs.append(out[0, :SEQ_LEN].tolist())
     with torch.no_grad():
-        ref = hf(torch.tensor(seqs, device="cuda")).logits.float()  # [16, 64, vocab]
-        # Context for the threshold: how far HF's own bf16 is from HF fp32 (printed only).
+        hf16 = hf(torch.tensor(seqs, device="cuda")).logits.float().argmax(-1)  # [16, 64]
         hf32 = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        ref32 = hf32.cuda().eval()(torch.tensor(seqs, device="cuda")).logits.argmax(-1)
-        base = (ref32 == ref.argmax(-1)).float().mean().item()
-        print(f"\nHF bf16 vs HF fp32 top-1 agreement: {base:.4f}")
-        del hf32
+        logits32 = hf32.cuda().eval()(torch.tensor(seqs, device="cuda")).logits.float()
+        top2 = logits32.topk(2, dim=-1).values
+        ref = Reference(logits32.argmax(-1), top2[..., 0] - top2[..., 1], hf16)
+        del hf32, logits32
+    print(f"\nHF bf16 vs HF fp32 top-1 agreement: {ref.hf16_all:.4f}")
     return model, config, seqs, ref
 
 
-def _agreement(logits: list[torch.Tensor], ref: torch.Tensor) -> float:
-    ours = torch.stack([lg.argmax(-1) for lg in logits])
-    same = ours == ref.argmax(-1)
-    # Disagreements between two bf16 implementations should sit at near-ties of HF's top two.
-    top2 = ref.topk(2, dim=-1).values
-    margins = (top2[..., 0] - top2[..., 1])[~same]
-    print(f"mismatches: {int((~same).sum())}, HF top-2 margins there: {margins.tolist()}")
-    return same.float().mean().item()
+class Reference:
+    """HF fp32's top-1 (the reference) with its top-2 margin, and HF bf16's top-1."""
+
+    def __init__(self, want: torch.Tensor, margin: torch.Tensor, hf16: torch.Tensor) -> None:
+        self.want, self.margin, self.hf16 = want, margin, hf16
+        self.hf16_all = (hf16 == want).float().mean().item()
+
+
+def _check_agreement(logits: list[torch.Tensor], ref: Reference, label: str) -> None:
+    """As test_engine_gpu: >= 99% against fp32 where fp32's top two are >= 0.5 apart (a bf16
+    model, HF's own included, flips near-ties: HF bf16 agrees with fp32 on ~97% overall), and
+    overall no worse than HF bf16 minus one point."""
+    got = torch.stack([lg.argmax(-1) for lg in logits])
+    same = got == ref.want
+    decidable = ref.margin >= 0.5
+    ours_decidable = same[decidable].float().mean().item()
+    ours_all = same.float().mean().item()
+    vs_hf16 = (got == ref.hf16).float().mean().item()
+    msg = (f"top-1 agreement ({label}): vs fp32 on {int(decidable.sum())} decidable positions "
+           f"{ours_decidable:.4f}; vs fp32 overall: ours {ours_all:.4f}, HF bf16 "
+           f"{ref.hf16_all:.4f}; ours vs HF bf16 {vs_hf16:.4f}; fp32 margins where ours "
+           f"differs: {[round(m, 3) for m in ref.margin[~same].tolist()]}")  # fmt: skip
+    print(msg)
+    assert ours_decidable >= 0.99, msg
+    assert ours_all >= ref.hf16_all - 0.01, msg
 
 
 def test_top1_agreement_prefill_bf16(setup):
@@ -90,9 +107,7 @@ def test_top1_agreement_prefill_bf16(setup):
     slots = list(range(len(seqs)))[::-1]
     logits = chunked_logits(model, config, seqs, slots, [[SEQ_LEN]] * len(seqs), SEQ_LEN + 8,
                             dtype=torch.bfloat16, device="cuda", backend="auto")  # fmt: skip
-    agree = _agreement(logits, ref)
-    print(f"top-1 agreement (whole-sequence prefill, bf16): {agree:.4f}")
-    assert agree >= 0.99
+    _check_agreement(logits, ref, "whole-sequence prefill, bf16")
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["virtual", "paged"])
@@ -103,10 +118,7 @@ def test_top1_agreement_chunked_decode_bf16(setup, paged):
     logits = chunked_logits(model, config, seqs, slots, splits, SEQ_LEN + 8,
                             dtype=torch.bfloat16, device="cuda", backend="auto",
                             paged=paged)  # fmt: skip
-    agree = _agreement(logits, ref)
-    print(f"top-1 agreement (chunked prefill + decode, {'paged' if paged else 'virtual'}): "
-          f"{agree:.4f}")  # fmt: skip
-    assert agree >= 0.99
+    _check_agreement(logits, ref, f"chunked prefill + decode, {'paged' if paged else 'virtual'}")
 
 
 def test_dummy_llama3_8b_loads_once():
