@@ -227,6 +227,28 @@ def interference(b, trials: int, iters: int, churn_pages: int) -> dict:
 
 
 # ---- 4. shared prefix ----
+def map_from_threads(b, addrs: list[int], handles: list[int], threads: int) -> float:
+    """Seconds to map `handles` at each of `addrs` (split over `threads` threads, one
+    map_range per address); unmaps them all again after the clock stops."""
+    parts = [addrs[i::threads] for i in range(threads)]
+
+    def work(part: list[int]) -> None:
+        for a in part:
+            b.map_range(a, handles)
+
+    workers = [threading.Thread(target=work, args=(part,)) for part in parts]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    dt = time.perf_counter() - t0
+    for a in addrs:
+        for i in range(len(handles)):
+            b.unmap(a + i * b.page_size)
+    return dt
+
+
 def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load: str,
                   label: str = "") -> list[dict]:  # fmt: skip
     """us per page mapping when `requests` ranges each map the same `prefix_pages` pages,
@@ -258,22 +280,7 @@ def shared_prefix(b, prefix_pages: int, requests: int, threads: list[int], load:
     rows = []
     try:
         for t in threads:
-            parts = [addrs[i::t] for i in range(t)]
-
-            def work(part: list[int]) -> None:
-                for a in part:
-                    b.map_range(a, handles)
-
-            workers = [threading.Thread(target=work, args=(part,)) for part in parts]
-            t0 = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            dt = time.perf_counter() - t0
-            for a in addrs:
-                for i in range(prefix_pages):
-                    b.unmap(a + i * b.page_size)
+            dt = map_from_threads(b, addrs, handles, t)
             rows.append({"threads": t, "load": load, "prefix_pages": prefix_pages,
                          "requests": requests, "s": dt,
                          "us_per_page": dt / (prefix_pages * requests) * 1e6})  # fmt: skip

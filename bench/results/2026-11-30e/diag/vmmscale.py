@@ -8,11 +8,11 @@ and (c) the shared prefix mapped from 1, 2, 4 and 8 threads; for both driver pat
 
 import argparse
 import json
-import threading
 import time
 
 import torch
 
+from vtensor.bench.vmm import map_from_threads
 from vtensor.vmm.cuda import CudaBackend
 
 MIB = 1 << 20
@@ -58,22 +58,7 @@ def run(held: bool, page_mib: int, total_mib: int, ranges: int, threads: list[in
             b.unmap(a + i * b.page_size)
     out["threads"] = []
     for t in threads:
-        parts = [addrs[1:][i::t] for i in range(t)]
-
-        def work(part: list[int]) -> None:
-            for a in part:
-                b.map_range(a, handles)
-
-        ws = [threading.Thread(target=work, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for w in ws:
-            w.start()
-        for w in ws:
-            w.join()
-        dt = time.perf_counter() - t0
-        for a in addrs[1:]:
-            for i in range(n):
-                b.unmap(a + i * b.page_size)
+        dt = map_from_threads(b, addrs[1:], handles, t)
         out["threads"].append({"threads": t, "us_per_page": 1e6 * dt / (n * ranges),
                                "us_per_mib": 1e6 * dt / (total_mib * ranges)})  # fmt: skip
     for i in range(n):
