@@ -347,6 +347,34 @@ def test_parked_slot_takeover_zero_maps_zero_copies(factory):
 
 
 @pytest.mark.parametrize("factory", BACKENDS)
+def test_parked_slot_gives_back_its_lookahead_page(factory):
+    """A finished request keeps the pages of its tokens for the next turn, not the page mapped
+    ahead for the decode that never came (a page per parked request otherwise)."""
+    cache = make_cache(factory)
+    tpp = tpp_of(cache)
+    tokens = list(range(int(2.5 * tpp)))
+    a = run_prefill(cache, "r", tokens)
+    lay = cache.layout
+    assert cache.slots[a.slot].mapped == lay.pages_for(len(tokens) + cache.lookahead_tokens)
+    in_use = cache.pool.num_in_use()
+    cache.release(a.slot, tokens, park=True)
+    ready(cache)
+    assert cache.slots[a.slot].mapped == lay.pages_for(len(tokens))
+    assert cache.pool.num_in_use() == in_use - 1
+    cache.check_integrity()
+    # the next turn takes the slot over and maps what it needs again
+    turn2 = tokens + list(range(5000, 5000 + int(tpp)))
+    alloc = cache.acquire("r2", turn2)
+    assert alloc.slot == a.slot and alloc.num_cached_tokens == len(tokens)
+    assert cache.ensure(alloc.slot, len(turn2))
+    ready(cache)
+    write_kv(cache, alloc.slot, turn2, len(tokens), len(turn2))
+    assert_kv(cache, alloc.slot, turn2, len(turn2))
+    cache.release(alloc.slot, turn2)
+    close_and_check(cache)
+
+
+@pytest.mark.parametrize("factory", BACKENDS)
 def test_eviction_under_pressure_and_ensure_failure(factory):
     cache = make_cache(factory, pages=8, num_slots=3, lookahead_tokens=0)
     tpp = tpp_of(cache)

@@ -45,6 +45,8 @@ def check_cache(cache: KVCache) -> None:
         slack = lay.pages_for(cache.lookahead_tokens) + 1
         if s.mapped > need + slack:
             fail(f"slot {s.index}: {s.mapped} pages mapped for {need} needed")
+        if s.state == SlotState.PARKED and s.mapped > lay.pages_for(len(s.tokens)):
+            fail(f"parked slot {s.index} keeps {s.mapped} pages for {len(s.tokens)} tokens")
         if len(s.path) > lay.full_pages(len(s.tokens)):
             fail(f"slot {s.index}: path of {len(s.path)} pages beyond its valid tokens")
         tm = 0
