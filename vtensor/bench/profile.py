@@ -52,6 +52,16 @@ def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> dict[st
     return {"idle_us": round(idle, 1), "top": top_pairs}
 
 
+def settled_window(steps: int) -> Any:
+    """A profiler schedule that records one step unkept, then `steps` kept: call prof.step()
+    once after the first engine step. Starting CUPTI stalls the host for ~1 ms; inside the
+    window that showed as idle GPU in front of the first step (2026-11-30c's "0.35 ms idle per
+    decode step" was that, bench/results/2026-11-30e/diag/gaps.py)."""
+    from torch.profiler import schedule
+
+    return schedule(wait=0, warmup=1, active=max(1, steps), repeat=1)
+
+
 def kernel_stats(events: list[Any], wall_us: float, top: int = 12) -> dict[str, Any]:
     """GPU kernel figures from profiler events (FunctionEvent-like: device_type, name,
     time_range.start/end in us): the `top` kernels by time with their call counts, and the
@@ -138,10 +148,13 @@ def profile_run(
     cuda = eng.device.type == "cuda"
     for _ in range(warmup_steps):
         eng.step(finished_only=True)
-    before = dict(eng.counters), dict(eng.timing)
     acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     steps = 0
-    with profile(activities=acts, with_stack=stacks) as prof:
+    with profile(activities=acts, with_stack=stacks, schedule=settled_window(window_steps)) as prof:
+        if eng.has_unfinished_requests():
+            eng.step(finished_only=True)  # the profiler's start-up stalls land in this step
+        prof.step()
+        before = dict(eng.counters), dict(eng.timing)
         t1 = time.perf_counter()
         while steps < window_steps and eng.has_unfinished_requests():
             eng.step(finished_only=True)

@@ -80,7 +80,7 @@ def decode_point(
 ) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    from vtensor.bench.profile import kernel_stats
+    from vtensor.bench.profile import kernel_stats, settled_window
     from vtensor.engine import SamplingParams
 
     rng = random.Random(f"steps:{batch}:{context}")
@@ -120,7 +120,10 @@ def decode_point(
         floor = (weight_bytes + kv_bytes) / bw
         res |= {"floor_ms_per_step": 1e3 * floor, "floor_fraction": floor / wall}
     if eng.device.type == "cuda" and gpu_steps:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=acts, schedule=settled_window(gpu_steps)) as prof:
+            eng.step(finished_only=True)  # the profiler's start-up stalls land in this step
+            prof.step()
             t1 = time.perf_counter()
             for _ in range(gpu_steps):
                 eng.step(finished_only=True)
