@@ -106,7 +106,9 @@ def test_item10_ctrl_c_during_generate(default_gguf_path):
     import signal
     import time
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONFAULTHANDLER: if it hangs, SIGABRT makes it print every thread's stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1"}  # fmt: skip
     p = subprocess.Popen([sys.executable, "-m", "vtensor.cli", "generate", "Tell a long story.",
                           "--device", "cpu", "--max-tokens", "2000", "--ignore-eos"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -116,9 +118,31 @@ def test_item10_ctrl_c_during_generate(default_gguf_path):
     while len(out) < 20 and time.monotonic() < deadline:  # wait for generated text
         out += p.stdout.read(1)
     p.send_signal(signal.SIGINT)
-    rest, err = p.communicate(timeout=60)
+    try:
+        rest, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)
+        rest, err = p.communicate(timeout=30)
+        pytest.fail(f"no exit 60 s after Ctrl-C; its threads:\n{err[-6000:]}")
     assert p.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_ctrl_c_sets_a_flag_then_a_second_one_raises():
+    """Generation checks the flag between engine steps; a KeyboardInterrupt inside a step
+    could leave a lock held or a page map half submitted."""
+    import signal
+
+    from vtensor.entrypoints.common import interrupt_between_steps
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_between_steps() as interrupted:
+        assert not interrupted()
+        signal.raise_signal(signal.SIGINT)  # no exception: just the flag
+        assert interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_item11_prompts_options_and_help(tmp_path, monkeypatch, capsys):

@@ -303,3 +303,25 @@ def test_chat_session_prefills_only_the_new_turn(loaded):
     assert f"cached {s.last.cached_tokens}" in s.stats_line()
     eng.kv_cache.check_integrity()
     eng.close()
+
+
+def test_chat_turn_stopped_between_steps_keeps_the_partial_reply(loaded):
+    """Ctrl-C in `vtensor chat` ends the reply (abort) and the conversation goes on with it."""
+    from vtensor.entrypoints.chat import ChatSession
+
+    eng = LLMEngine(preloaded=loaded, device="cpu", dtype="float32", max_model_len=512)
+    s = ChatSession(eng, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    calls = []
+
+    def stop() -> bool:  # "Ctrl-C" once three steps have run
+        calls.append(1)
+        return len(calls) > 3
+
+    s.turn("Tell me a long story.", stop=stop)
+    assert 0 < s.last.output_tokens < 40
+    assert s.messages[-1]["role"] == "assistant"
+    assert not eng.has_unfinished_requests()
+    s.turn("Go on.")
+    assert s.last.output_tokens == 40
+    eng.kv_cache.check_integrity()
+    eng.close()

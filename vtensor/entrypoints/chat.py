@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from vtensor.cli import cli_message
 from vtensor.entrypoints.common import (
     add_engine_arguments,
     engine_args,
+    interrupt_between_steps,
     load_engine,
     sampling_params,
     usage_errors,
@@ -67,14 +69,18 @@ class ChatSession:
         rest = text[len(prev) :]
         return self.history_ids + list(tok(rest, add_special_tokens=False)["input_ids"])
 
-    def turn(self, user: str, out=None) -> str:
-        """Run one turn; streams the reply to `out` (a file) if given, returns its text."""
+    def turn(self, user: str, out=None, stop: Callable[[], bool] | None = None) -> str:
+        """Run one turn; streams the reply to `out` (a file) if given, returns its text.
+        `stop()` true (Ctrl-C, checked between steps): the reply ends there (abort) and the
+        conversation keeps what was said."""
         ids = self._prompt_ids(user)
         self.turns += 1
         rid = f"chat-{self.turns}"
         self.engine.add_request(rid, ids, self.params)
         final = None
         while self.engine.has_unfinished_requests():
+            if stop is not None and final is None and stop():
+                self.engine.abort_request(rid)  # its output (finished) comes from the next step
             for o in self.engine.step():
                 if o.request_id != rid:
                     continue
@@ -141,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
             session.reset()
             continue
         try:
-            session.turn(line, out=sys.stdout)
+            with interrupt_between_steps() as interrupted:
+                session.turn(line, out=sys.stdout, stop=interrupted)
         except ValueError as e:  # e.g. the conversation outgrew max_model_len
             print(f"\n[error: {cli_message(e)}; /reset to start over]", file=sys.stderr)
             continue
         print()
+        if interrupted():
+            print("[reply stopped (Ctrl-C); Ctrl-C at the prompt quits]", file=sys.stderr)
     engine.close()
     return 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -77,3 +81,27 @@ def usage_errors() -> tuple[type[BaseException], ...]:
     from vtensor.model.config import ModelError
 
     return (ValueError, OSError, ModelError)
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C while generating sets a flag the caller checks between engine steps (it then
+    closes its stream: the request is aborted and the engine stays consistent) instead of
+    raising KeyboardInterrupt wherever the main thread is: inside a step that is a lock held,
+    a page map half submitted, and the abort that follows could wait on them forever. A
+    second Ctrl-C raises at once. Yields the flag's getter."""
+    hit = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if hit.is_set():
+            raise KeyboardInterrupt
+        hit.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield hit.is_set  # signals reach the main thread only: nothing to install here
+        return
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit.is_set
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -10,11 +10,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from vtensor.cli import UsageError, cli_message
 from vtensor.entrypoints.common import (
     add_engine_arguments,
     engine_args,
+    interrupt_between_steps,
     load_engine,
     sampling_params,
     usage_errors,
@@ -57,38 +60,55 @@ def run(args: argparse.Namespace) -> int:
     tok = llm.tokenizer
     use_chat = not args.raw and tok is not None and getattr(tok, "chat_template", None)
     rc = 0
-    for prompt in prompts:
-        msgs = [{"role": "user", "content": prompt}]
-        ids = apply_chat_template(tok, msgs) if use_chat else prompt
-        t1 = time.perf_counter()
-        first = None
-        last = None
-        try:
-            for out in llm.generate_stream([ids], params):
-                if first is None and out.outputs[0].new_token_ids:
-                    first = time.perf_counter() - t1
-                if not args.json:
-                    sys.stdout.write(out.outputs[0].new_text)
-                    sys.stdout.flush()
-                last = out
-        except ValueError as e:
-            print(f"vtensor generate: {cli_message(e)}", file=sys.stderr)
-            rc = 2
-            continue
-        dt = time.perf_counter() - t1
-        comp = last.outputs[0]
-        n = len(comp.token_ids)
-        if args.json:
-            print(json.dumps({"prompt": prompt, "text": comp.text, "token_ids": comp.token_ids,
-                              "finish_reason": comp.finish_reason,
-                              "num_cached_tokens": last.num_cached_tokens}))  # fmt: skip
-        else:
-            sys.stdout.write("\n")
-        print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, first token "
-              f"{(first or 0) * 1e3:.0f} ms, finish={comp.finish_reason}, device="
-              f"{llm.llm_engine.device}, load {load_s:.1f} s]", file=sys.stderr)  # fmt: skip
+    with interrupt_between_steps() as interrupted:
+        for prompt in prompts:
+            msgs = [{"role": "user", "content": prompt}]
+            ids = apply_chat_template(tok, msgs) if use_chat else prompt
+            rc = _complete(llm, args, prompt, ids, params, load_s, interrupted) or rc
     llm.close()
     return rc
+
+
+def _complete(
+    llm: Any, args: argparse.Namespace, prompt: str, ids: str | list[int], params: Any,
+    load_s: float, interrupted: Callable[[], bool],
+) -> int:  # fmt: skip
+    """Stream one prompt's completion; 2 for a rejected prompt. After Ctrl-C: aborts the
+    request, then raises KeyboardInterrupt."""
+    t1 = time.perf_counter()
+    first = None
+    last = None
+    stream = llm.generate_stream([ids], params)
+    try:
+        for out in stream:
+            if first is None and out.outputs[0].new_token_ids:
+                first = time.perf_counter() - t1
+            if not args.json:
+                sys.stdout.write(out.outputs[0].new_text)
+                sys.stdout.flush()
+            last = out
+            if interrupted():
+                break
+    except ValueError as e:
+        print(f"vtensor generate: {cli_message(e)}", file=sys.stderr)
+        return 2
+    finally:
+        stream.close()  # aborts the request if it is still running
+    if interrupted():
+        raise KeyboardInterrupt
+    dt = time.perf_counter() - t1
+    comp = last.outputs[0]
+    n = len(comp.token_ids)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "text": comp.text, "token_ids": comp.token_ids,
+                          "finish_reason": comp.finish_reason,
+                          "num_cached_tokens": last.num_cached_tokens}))  # fmt: skip
+    else:
+        sys.stdout.write("\n")
+    print(f"[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, first token "
+          f"{(first or 0) * 1e3:.0f} ms, finish={comp.finish_reason}, device="
+          f"{llm.llm_engine.device}, load {load_s:.1f} s]", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def _kwargs(ea) -> dict:
