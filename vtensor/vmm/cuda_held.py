@@ -5,8 +5,10 @@ mapper thread wait to take it back, up to a switch interval (5 ms) each time, wh
 engine's main thread runs Python: on the host backend one page map went from ~5 us to 2.4-7 ms
 that way (bench/results/2026-11-30d/host_vmm). These three calls take microseconds, so holding
 the GIL through them costs the main thread little. Opt-in (`CudaBackend(held_gil=True)`, or
-VTENSOR_VMM_HELD_GIL=1 for a whole engine run) until `python -m vtensor.bench.vmm` (stage 4)
-and an engine trace have compared it with cuda-bindings on a GPU.
+VTENSOR_VMM_HELD_GIL=1 for a whole engine run): on the H200 it moved the wait rather than
+removing it (shared-prefix trace at 2 MiB pages: the step's wait for maps 1.74 -> 0.04 s,
+scheduling 0.74 -> 2.16 s, the run 9.75 -> 9.41 s; bench/results/2026-11-30e/held_gil), and
+with 8 MiB pages there are 4x fewer of these calls.
 
 The access descriptor is cuda-bindings' own struct (passed by its address), so only scalar
 arguments cross ctypes.
