@@ -1,4 +1,5 @@
-"""The engine: requests, sampling, scheduler, runner, LLMEngine, AsyncLLM and the LLM API."""
+"""The engine: requests, sampling, scheduler, runner, LLMEngine, AsyncLLM / MPAsyncLLM and the
+LLM API."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from vtensor.engine.errors import (
     RequestTooLargeError,
 )
 from vtensor.engine.llm import LLM
+from vtensor.engine.mp_engine import MPAsyncLLM
 from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
 
 __all__ = [
     "LLM", "AsyncLLM", "CompletionOutput", "EngineArgs", "EngineClient", "ErrorKind", "LLMEngine",
-    "RequestError", "RequestFailedError", "RequestOutput", "RequestTooLargeError",
+    "MPAsyncLLM", "RequestError", "RequestFailedError", "RequestOutput", "RequestTooLargeError",
     "SamplingParams", "parse_memory",
 ]  # fmt: skip

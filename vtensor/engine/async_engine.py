@@ -9,25 +9,18 @@ server costs nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import threading
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from vtensor.engine.engine import EngineArgs, LLMEngine
-from vtensor.engine.errors import raise_for
 from vtensor.engine.outputs import RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.sequence import Sequence
+from vtensor.engine.streams import EngineDeadError, RequestStreams
 
 log = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread failed; requests in flight get this error."""
 
 
 class AsyncLLM:
@@ -48,12 +41,10 @@ class AsyncLLM:
         self._cv = threading.Condition()
         self._new: list[Sequence] = []
         self._aborts: list[str] = []
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams = RequestStreams()
         self._stop = False
         self._dead: BaseException | None = None
         self._stats: dict = self.engine.stats()
-        self._ttft: deque[float] = deque(maxlen=2048)
-        self._tpot: deque[float] = deque(maxlen=2048)
         self.idle_poll_s = 1.0  # how often the idle engine thread checks for idle KV pages
         self._thread = threading.Thread(target=self._loop, name="vtensor-engine", daemon=True)
         self._thread.start()
@@ -66,39 +57,24 @@ class AsyncLLM:
         if self._dead is not None:
             raise EngineDeadError(f"engine thread died: {self._dead!r}")
         seq = self.engine.make_sequence(request_id, prompt, params)  # raises on bad input
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        q = self._streams.open(request_id)
         with self._cv:
-            if request_id in self._queues:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._queues[request_id] = (loop, q)
             self._new.append(seq)
             self._cv.notify()
-        finished = False
+        stream = self._streams.stream(request_id, q, self._abort_now)
         try:
-            while True:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.error is not None:
-                    finished = True
-                    raise_for(item.error)
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._cv:
-                self._queues.pop(request_id, None)
-                if not finished:  # consumer went away (cancelled, closed): free its KV now
-                    self._aborts.append(request_id)
-                    self._cv.notify()
+            async for out in stream:
+                yield out
+        finally:  # closed early: the stream's abort runs now, not when collected
+            await stream.aclose()
 
-    async def abort(self, request_id: str) -> None:
+    def _abort_now(self, request_id: str) -> None:
         with self._cv:
             self._aborts.append(request_id)
             self._cv.notify()
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
 
     @property
     def dead(self) -> BaseException | None:
@@ -110,7 +86,8 @@ class AsyncLLM:
         """running / waiting counts, KV snapshot (as of the last step), recent TTFT and TPOT
         samples in seconds."""
         with self._cv:
-            return {**self._stats, "ttft": list(self._ttft), "tpot": list(self._tpot)}
+            stats = self._stats
+        return {**stats, "ttft": list(self._streams.ttft), "tpot": list(self._streams.tpot)}
 
     def shutdown(self) -> None:
         with self._cv:
@@ -143,12 +120,12 @@ class AsyncLLM:
                     try:
                         eng.add_sequence(seq)
                     except ValueError as e:  # duplicate id
-                        self._deliver([(seq.request_id, e)])
+                        self._streams.deliver([(seq.request_id, e)])
                 for rid in aborts:
                     eng.abort_request(rid)
                 outs = eng.step()
-                self._observe(outs)
-                self._deliver([(o.request_id, o) for o in outs])
+                self._streams.observe(outs)
+                self._streams.deliver([(o.request_id, o) for o in outs])
                 # the KV snapshot walks every slot: refresh it every 16 steps (and when idle)
                 fresh = eng.stats(include_kv=eng.counters["steps"] % 16 == 0)
                 with self._cv:
@@ -156,35 +133,7 @@ class AsyncLLM:
         except BaseException as e:  # never leave a client waiting forever
             log.exception("engine thread failed")
             self._dead = e
-            with self._cv:
-                rids = list(self._queues)
-            self._deliver([(rid, EngineDeadError(f"engine failed: {e!r}")) for rid in rids])
-
-    def _observe(self, outs: list[RequestOutput]) -> None:
-        for o in outs:
-            m = o.metrics or {}
-            if not o.finished or m.get("first_token") is None:
-                continue
-            self._ttft.append(m["first_token"] - m["arrival"])
-            n = len(o.outputs[0].token_ids)
-            if n > 1 and m.get("finish") is not None:
-                self._tpot.append((m["finish"] - m["first_token"]) / (n - 1))
-
-    def _deliver(self, items: list[tuple[str, Any]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        with self._cv:
-            for rid, item in items:
-                entry = self._queues.get(rid)
-                if entry is not None:
-                    by_loop.setdefault(entry[0], []).append((entry[1], item))
-        for loop, puts in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
-                loop.call_soon_threadsafe(_put_all, puts)
-
-
-def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in puts:
-        q.put_nowait(item)
+            self._streams.fail_all(EngineDeadError(f"engine failed: {e!r}"))
 
 
 __all__ = ["AsyncLLM", "EngineDeadError"]

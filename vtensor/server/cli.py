@@ -71,12 +71,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with an error chunk (30)",
     )
     p.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine in its own process (default), so that the HTTP event loop and "
+        "the engine's step loop never wait for one GIL; --no-engine-process: a thread",
+    )
+    p.add_argument(
         "--gil-switch-ms",
         type=float,
         default=0.5,
-        help="Python's thread switch interval (0.5): the engine thread shares the interpreter "
-        "with the HTTP event loop, and at Python's default (5) a busy event loop can hold the "
-        "engine off the GIL for most of a decode step",
+        help="Python's thread switch interval (0.5): with --no-engine-process the engine "
+        "thread shares the interpreter with the HTTP event loop, and at Python's default (5) "
+        "a busy event loop can hold the engine off the GIL for most of a decode step",
     )
     p.add_argument(
         "--log-level",
@@ -187,12 +194,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             import uvicorn
 
-            from vtensor.engine import AsyncLLM
+            from vtensor.engine import AsyncLLM, MPAsyncLLM
             from vtensor.server.api import build_app
             from vtensor.server.lifecycle import DrainingServer, Lifecycle
 
             ea = engine_args(args)
-            engine, _ = load_engine("serve", args.model, lambda: AsyncLLM(ea))
+            client = MPAsyncLLM if args.engine_process else AsyncLLM
+            engine, _ = load_engine("serve", args.model, lambda: client(ea))
         except usage_errors() as e:
             print(f"vtensor serve: {cli_message(e)}", file=sys.stderr)
             return 2

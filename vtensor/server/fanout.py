@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from vtensor.engine.async_engine import EngineDeadError
 from vtensor.engine.client import EngineClient
 from vtensor.engine.errors import RequestFailedError
 from vtensor.engine.outputs import RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
+from vtensor.engine.streams import EngineDeadError
 from vtensor.server.errors import (
     OpenAIError,
     engine_dead_error,

@@ -1,0 +1,171 @@
+"""MPAsyncLLM (the engine in its own process, `vtensor serve`'s default) against AsyncLLM (the
+same engine on a thread): same tokens and text for concurrent streams, the same error
+contract (bad input at once, duplicate ids, start-up errors of the same type), cancellation
+that frees the request's KV, and a dead engine process reported to every stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from vtensor.engine import AsyncLLM, EngineArgs, MPAsyncLLM, SamplingParams
+from vtensor.engine.streams import EngineDeadError
+
+MAX_LEN = 256
+
+
+def _args(**kw) -> EngineArgs:
+    kw = {"model": None, "dtype": "float32", "device": "cpu", "max_model_len": MAX_LEN,
+          "max_num_seqs": 8, **kw}  # fmt: skip
+    return EngineArgs(**kw)
+
+
+@pytest.fixture(scope="module")
+def mp_engine(default_gguf_path):
+    eng = MPAsyncLLM(_args())
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+
+
+JOBS = [
+    ("Once upon a time", SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)),
+    ("The capital of France is", SamplingParams(temperature=0.0, max_tokens=30, stop=[" the"])),
+    ([1, 2, 3, 4, 5, 6, 7], SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)),
+    ("Count: one, two,", SamplingParams(temperature=0.8, seed=7, max_tokens=16, logprobs=2)),
+]
+
+
+async def _collect(engine, prompt, params, rid):
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params, rid):
+        deltas.append(out.outputs[0].new_token_ids)
+        last = out
+    return last, deltas
+
+
+async def _run_all(engine, tag: str):
+    return await asyncio.wait_for(
+        asyncio.gather(*(_collect(engine, p, sp, f"{tag}{i}") for i, (p, sp) in enumerate(JOBS))),
+        120,
+    )
+
+
+def test_same_outputs_as_the_thread_engine(mp_engine):
+    thread = AsyncLLM(_args())
+    try:
+        want = asyncio.run(_run_all(thread, "t"))
+    finally:
+        thread.shutdown()
+    got = asyncio.run(_run_all(mp_engine, "p"))
+    for (w, _), (g, deltas) in zip(want, got, strict=True):
+        wo, go = w.outputs[0], g.outputs[0]
+        assert go.token_ids == wo.token_ids and go.text == wo.text
+        assert (go.finish_reason, go.stop_reason) == (wo.finish_reason, wo.stop_reason)
+        assert go.logprobs == wo.logprobs
+        assert g.finished and g.metrics["finish"] >= g.metrics["first_token"]
+        assert [t for d in deltas for t in d] == go.token_ids  # the stream adds up
+    assert got[1][0].outputs[0].finish_reason == "stop"  # the stop string was exercised
+    s = mp_engine.stats()
+    assert len(s["ttft"]) >= len(JOBS) and "running" in s and "kv" in s
+
+
+def test_bad_input_and_duplicate_ids(mp_engine):
+    async def first(prompt, params, rid):
+        async for out in mp_engine.generate(prompt, params, rid):
+            return out
+
+    with pytest.raises(ValueError, match="too long"):
+        asyncio.run(first([5] * MAX_LEN, SamplingParams(max_tokens=4), "long"))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        asyncio.run(first([10**9], SamplingParams(max_tokens=4), "vocab"))
+
+    async def dup():
+        slow = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+        a = mp_engine.generate("Hello", slow, "same")
+        await a.__anext__()
+        try:
+            with pytest.raises(ValueError, match="already running"):
+                await first("Hello", slow, "same")
+        finally:
+            await a.aclose()
+
+    asyncio.run(asyncio.wait_for(dup(), 60))
+    assert mp_engine.dead is None  # bad requests never hurt the engine
+
+
+def _wait_idle(engine, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if not s["running"] and not s["waiting"] and s["kv"]["slots_active"] == 0:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+def test_cancel_mid_stream_frees_kv(mp_engine):
+    base = _wait_idle(mp_engine)["kv"]
+
+    async def cancel_after(n: int):
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        agen = mp_engine.generate("Write a long story about a dragon.", params, "cancel")
+        got = 0
+        async for _ in agen:
+            got += 1
+            if got == n:
+                break
+        await agen.aclose()  # the client went away: abort
+        return got
+
+    t0 = time.monotonic()
+    assert asyncio.run(asyncio.wait_for(cancel_after(3), 60)) == 3
+    kv = _wait_idle(mp_engine)["kv"]
+    assert time.monotonic() - t0 < 20, "the request ran on after its stream closed"
+    pinned = lambda k: k["pages_in_use"] - k["pages_evictable"]  # noqa: E731
+    assert pinned(kv) == pinned(base)
+
+
+def test_start_up_error_has_the_engines_type(tmp_path):
+    from vtensor.engine import LLMEngine
+
+    bad = _args(model=str(tmp_path / "nowhere"))
+    with pytest.raises(Exception) as thread_err:  # noqa: PT011 - compared below
+        LLMEngine(bad)
+    with pytest.raises(type(thread_err.value)):
+        MPAsyncLLM(bad)
+
+
+def test_engine_process_death_fails_every_stream(default_gguf_path):
+    eng = MPAsyncLLM(_args())
+    try:
+        async def main():
+            params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+            agens = [eng.generate("Tell me a story", params, f"d{i}") for i in range(3)]
+            for a in agens:
+                await a.__anext__()  # all three are running
+            os.kill(eng._proc.pid, signal.SIGKILL)
+            errors = []
+            for a in agens:
+                with pytest.raises(EngineDeadError):
+                    async for _ in a:
+                        pass
+                errors.append(True)
+            return errors
+
+        assert asyncio.run(asyncio.wait_for(main(), 60)) == [True] * 3
+        assert eng.dead is not None
+
+        async def after():
+            async for _ in eng.generate("x", SamplingParams(max_tokens=2), "late"):
+                pass
+
+        with pytest.raises(EngineDeadError):
+            asyncio.run(after())
+    finally:
+        eng.shutdown()

@@ -1,0 +1,151 @@
+"""MPAsyncLLM: the EngineClient with the engine in its own process (engine/core_proc.py).
+
+The server's interpreter keeps the tokenizer and validation (a bad request fails at once,
+without a round trip), the per-request streams, and one reader thread that turns each step's
+outputs into queue puts. The engine process steps without sharing a GIL with the HTTP event
+loop. Same interface and error contract as AsyncLLM (the in-process thread), which stays for
+tests and for callers that hand in an engine they built.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vtensor.engine.args import EngineArgs
+from vtensor.engine.core_proc import run_engine_core
+from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.sampling_params import SamplingParams
+from vtensor.engine.sequence import new_sequence
+from vtensor.engine.streams import EngineDeadError, RequestStreams
+
+log = logging.getLogger(__name__)
+
+
+class MPAsyncLLM:
+    """Implements EngineClient (engine/client.py) over an engine process."""
+
+    def __init__(self, args: EngineArgs | None = None, **kwargs: Any) -> None:
+        args = args if args is not None else EngineArgs(**kwargs)
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=run_engine_core, args=(args, child),
+                                 name="vtensor-engine", daemon=True)  # fmt: skip
+        self._proc.start()
+        child.close()  # ours is the only other end: its exit reads as EOF
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise RuntimeError(
+                f"the engine process exited during start-up (code {self._proc.exitcode})"
+            ) from None
+        if kind == "error":
+            self._proc.join(timeout=30)
+            raise payload  # ValueError / ModelError / OSError: the caller's usage error
+        self.tokenizer = payload["tokenizer"]
+        self.model_config = payload["model_config"]
+        self.max_model_len: int = payload["max_model_len"]
+        self.vocab_size: int = payload["vocab_size"]
+        self.kv_token_capacity: int = payload["kv_token_capacity"]
+        self._stats: dict = payload["stats"]
+        self._streams = RequestStreams()
+        self._send_lock = threading.Lock()
+        self._dead: BaseException | None = None
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, name="vtensor-engine-reader",
+                                        daemon=True)  # fmt: skip
+        self._reader.start()
+
+    # ------------------------------------------------------------------ client side
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine process died: {self._dead!r}")
+        # tokenized and validated here: a bad request raises at once, without a round trip
+        seq = new_sequence(request_id, prompt, params, tokenizer=self.tokenizer,
+                           max_model_len=self.max_model_len,
+                           vocab_size=self.vocab_size)  # fmt: skip
+        q = self._streams.open(request_id)
+        self._send(("add", request_id, seq.prompt_token_ids, seq.prompt, seq.params))
+        stream = self._streams.stream(request_id, q, self._abort_now)
+        try:
+            async for out in stream:
+                yield out
+        finally:  # closed early: the stream's abort runs now, not when collected
+            await stream.aclose()
+
+    def _abort_now(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(msg)
+        except OSError as e:  # the process is gone; the reader reports it to every stream
+            if msg[0] == "add":
+                raise EngineDeadError(f"engine process is gone: {e!r}") from None
+
+    @property
+    def dead(self) -> BaseException | None:
+        """The error that stopped the engine process, or None while it runs."""
+        return self._dead
+
+    def stats(self) -> dict:
+        """running / waiting counts, KV snapshot (as of the last step that took one), recent
+        TTFT and TPOT samples in seconds."""
+        return {**self._stats, "ttft": list(self._streams.ttft), "tpot": list(self._streams.tpot)}
+
+    def shutdown(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._send(("stop",))
+        self._reader.join(timeout=30)
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            log.warning("engine process did not stop in 30 s: terminating it")
+            self._proc.terminate()
+            self._proc.join(timeout=10)
+        self._conn.close()
+
+    close = shutdown
+
+    # ------------------------------------------------------------------ reader thread
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                msg = self._conn.recv()
+                if msg[0] == "out":
+                    outs, stats = msg[1], msg[2]
+                    self._stats = {**self._stats, **stats}
+                    self._streams.observe(outs)
+                    self._streams.deliver([(o.request_id, o) for o in outs])
+                elif msg[0] == "stats":
+                    self._stats = {**self._stats, **msg[1]}
+                elif msg[0] == "fail":
+                    self._streams.deliver([(msg[1], msg[2])])
+                elif msg[0] == "dead":
+                    error = msg[1]
+                    break
+                elif msg[0] == "closed":
+                    return
+        except (EOFError, OSError) as e:
+            if self._closing:
+                return
+            error = RuntimeError(f"engine process exited (code {self._proc.exitcode}): {e!r}")
+        self._dead = error
+        log.error("engine process failed: %r", error)
+        self._streams.fail_all(EngineDeadError(f"engine failed: {error!r}"))
+
+
+__all__ = ["MPAsyncLLM"]

@@ -1,0 +1,100 @@
+"""Per-request output streams: what both engine clients (AsyncLLM's thread, MPAsyncLLM's
+process) share. A thread that is not the event loop's delivers each step's outputs with one
+`call_soon_threadsafe` per loop; `stream` yields them to the request's caller and aborts the
+request if the caller goes away before it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vtensor.engine.errors import raise_for
+from vtensor.engine.outputs import RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (thread or process) failed; requests in flight get this error."""
+
+
+class RequestStreams:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.ttft: deque[float] = deque(maxlen=2048)  # seconds, recent finished requests
+        self.tpot: deque[float] = deque(maxlen=2048)
+
+    def open(self, request_id: str) -> asyncio.Queue:
+        """The queue `request_id`'s outputs arrive on (call from the event loop)."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._queues[request_id] = (loop, q)
+        return q
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._queues)
+
+    async def stream(
+        self, request_id: str, q: asyncio.Queue, abort: Callable[[str], None]
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs until it finishes; an error item is raised. Closed early
+        (cancelled, client gone): `abort(request_id)` frees its KV now."""
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise_for(item.error)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._queues.pop(request_id, None)
+            if not finished:
+                abort(request_id)
+
+    def observe(self, outs: list[RequestOutput]) -> None:
+        """TTFT / TPOT samples of the finished requests among `outs` (for /metrics)."""
+        for o in outs:
+            m = o.metrics or {}
+            if not o.finished or m.get("first_token") is None:
+                continue
+            self.ttft.append(m["first_token"] - m["arrival"])
+            n = len(o.outputs[0].token_ids)
+            if n > 1 and m.get("finish") is not None:
+                self.tpot.append((m["finish"] - m["first_token"]) / (n - 1))
+
+    def deliver(self, items: list[tuple[str, Any]]) -> None:
+        """(request_id, RequestOutput | exception) pairs to their queues; unknown ids (the
+        caller already left) are dropped."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for rid, item in items:
+                entry = self._queues.get(rid)
+                if entry is not None:
+                    by_loop.setdefault(entry[0], []).append((entry[1], item))
+        for loop, puts in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its requests are gone
+                loop.call_soon_threadsafe(_put_all, puts)
+
+    def fail_all(self, error: BaseException) -> None:
+        self.deliver([(rid, error) for rid in self.ids()])
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in puts:
+        q.put_nowait(item)
