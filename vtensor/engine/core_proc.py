@@ -6,11 +6,13 @@ stream, every step) and the engine's host work share one GIL; once their sum pas
 step's GPU time, the GPU waits for Python. Here the engine owns its interpreter, as vLLM's
 EngineCore does.
 
-Messages, parent -> engine: ("add", request_id, prompt_token_ids, prompt_text, params),
+Messages, parent -> engine: ("add", request_id, prompt_token_ids, params, arrival),
 ("abort", request_id), ("stop",). Engine -> parent: ("ready", info) or ("error", exc) once at
-start-up, then ("out", outputs, stats) per step, ("fail", request_id, exc) for a request the
-engine refused, ("stats", stats) when it goes idle, ("dead", exc) if the loop fails, and
-("closed",) after "stop".
+start-up, then ("out", deltas, stats) per step (`delta`: only what is new since the last
+output; the parent keeps the prompt and the text and ids so far, so a step's message does not
+grow with the requests' lengths), ("fail", request_id, exc) for a request the engine refused,
+("stats", stats) when it goes idle, ("dead", exc) if the loop fails, and ("closed",) after
+"stop".
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from vtensor.engine.args import EngineArgs
+from vtensor.engine.outputs import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +91,12 @@ def _loop(eng: Any, conn: Connection) -> None:
         while conn.poll():
             msg = conn.recv()
             if msg[0] == "add":
-                _, rid, ids, text, params = msg
+                _, rid, ids, params, arrival = msg
                 try:  # validated by the parent already; this builds the engine-side state
                     seq = new_sequence(rid, ids, params, tokenizer=eng.tokenizer,
                                        max_model_len=eng.max_model_len,
                                        vocab_size=eng.model_config.vocab_size)  # fmt: skip
-                    seq.prompt = text
+                    seq.t_arrival = arrival  # CLOCK_MONOTONIC: one clock for both processes
                     eng.add_sequence(seq)
                 except ValueError as e:
                     conn.send(("fail", rid, e))
@@ -107,4 +110,14 @@ def _loop(eng: Any, conn: Connection) -> None:
         outs = eng.step()
         # the KV snapshot walks every slot: every 16 steps (and when idle)
         stats = eng.stats(include_kv=eng.counters["steps"] % 16 == 0)
-        conn.send(("out", outs, stats))
+        conn.send(("out", [delta(o) for o in outs], stats))
+
+
+def delta(o: RequestOutput) -> tuple:
+    """What the parent needs to rebuild `o` (MPAsyncLLM._rebuild): the new ids, text and
+    logprobs, and the small per-step fields."""
+    c = o.outputs[0]
+    lps = c.logprobs[len(c.logprobs) - len(c.new_token_ids):] if c.logprobs is not None else None
+    return (o.request_id, c.new_token_ids, c.new_text, lps, c.cumulative_logprob,
+            c.finish_reason, c.stop_reason, o.finished, o.num_cached_tokens, o.error,
+            o.metrics)  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 
 from vtensor.engine.args import EngineArgs
 from vtensor.engine.core_proc import run_engine_core
-from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.sequence import new_sequence
 from vtensor.engine.streams import EngineDeadError, RequestStreams
@@ -53,6 +53,10 @@ class MPAsyncLLM:
         self.kv_token_capacity: int = payload["kv_token_capacity"]
         self._stats: dict = payload["stats"]
         self._streams = RequestStreams()
+        # request id -> [prompt, prompt ids, output ids, text, logprobs]: what the engine's
+        # per-step deltas add to (core_proc.delta)
+        self._acc: dict[str, list] = {}
+        self._acc_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._dead: BaseException | None = None
         self._closing = False
@@ -72,7 +76,9 @@ class MPAsyncLLM:
                            max_model_len=self.max_model_len,
                            vocab_size=self.vocab_size)  # fmt: skip
         q = self._streams.open(request_id)
-        self._send(("add", request_id, seq.prompt_token_ids, seq.prompt, seq.params))
+        with self._acc_lock:
+            self._acc[request_id] = [seq.prompt, seq.prompt_token_ids, [], "", None]
+        self._send(("add", request_id, seq.prompt_token_ids, seq.params, seq.t_arrival))
         stream = self._streams.stream(request_id, q, self._abort_now)
         try:
             async for out in stream:
@@ -81,6 +87,8 @@ class MPAsyncLLM:
             await stream.aclose()
 
     def _abort_now(self, request_id: str) -> None:
+        with self._acc_lock:
+            self._acc.pop(request_id, None)
         self._send(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -126,13 +134,15 @@ class MPAsyncLLM:
             while True:
                 msg = self._conn.recv()
                 if msg[0] == "out":
-                    outs, stats = msg[1], msg[2]
+                    outs, stats = self._rebuild(msg[1]), msg[2]
                     self._stats = {**self._stats, **stats}
                     self._streams.observe(outs)
                     self._streams.deliver([(o.request_id, o) for o in outs])
                 elif msg[0] == "stats":
                     self._stats = {**self._stats, **msg[1]}
                 elif msg[0] == "fail":
+                    with self._acc_lock:
+                        self._acc.pop(msg[1], None)
                     self._streams.deliver([(msg[1], msg[2])])
                 elif msg[0] == "dead":
                     error = msg[1]
@@ -146,6 +156,29 @@ class MPAsyncLLM:
         self._dead = error
         log.error("engine process failed: %r", error)
         self._streams.fail_all(EngineDeadError(f"engine failed: {error!r}"))
+
+
+    def _rebuild(self, deltas: list[tuple]) -> list[RequestOutput]:
+        """The engine's per-step deltas -> full RequestOutputs, as AsyncLLM delivers them."""
+        outs = []
+        with self._acc_lock:
+            for rid, ids, text, lps, cum, finish, stop, finished, cached, err, metrics in deltas:
+                acc = self._acc.pop(rid, None) if finished else self._acc.get(rid)
+                if acc is None:
+                    continue  # aborted by its caller: nobody is listening
+                acc[2] += ids
+                acc[3] += text
+                if lps is not None:
+                    acc[4] = acc[4] if acc[4] is not None else []
+                    acc[4] += lps
+                comp = CompletionOutput(
+                    index=0, text=acc[3], token_ids=list(acc[2]), new_token_ids=ids,
+                    new_text=text, logprobs=list(acc[4]) if acc[4] is not None else None,
+                    cumulative_logprob=cum, finish_reason=finish, stop_reason=stop,
+                )  # fmt: skip
+                outs.append(RequestOutput(rid, acc[0], acc[1], [comp], finished, cached, err,
+                                          metrics))  # fmt: skip
+        return outs
 
 
 __all__ = ["MPAsyncLLM"]
