@@ -43,15 +43,11 @@ def _kv_offsets(bt_ptr, seq, sbt_b, offs, nmask, s_slot, s_tok, PAGE: tl.constex
 
 
 @triton.jit
-def _seq_chunk(seq_len, n_splits, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
-    """Tokens per split for this sequence: CHUNK if fixed (> 0: every program gets the same
-    work whatever the sequence's length, the rest exit at once), else its tiles spread evenly
-    over the n_splits programs (>= 1 tile, so a 0-length pad row divides by nothing)."""
-    if CHUNK > 0:
-        chunk = CHUNK
-    else:
-        chunk = tl.cdiv(tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1), n_splits) * BLOCK_N
-    return chunk
+def _seq_chunk(seq_len, n_splits, BLOCK_N: tl.constexpr):
+    """Tokens per split for this sequence: its tiles spread evenly over the n_splits programs
+    (>= 1 tile, so a 0-length pad row divides by nothing)."""
+    tiles = tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1)
+    return tl.cdiv(tiles, n_splits) * BLOCK_N
 
 
 @triton.jit
@@ -63,7 +59,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, DIRECT: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, HEAD_FAST: tl.constexpr, ROTATE: tl.constexpr,
-    FUSED: tl.constexpr, SPLIT_TILE: tl.constexpr, CHUNK: tl.constexpr,
+    FUSED: tl.constexpr, SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
     if HEAD_FAST:  # programs launched together read neighbouring heads of the same tokens
         kvh = tl.program_id(0)
@@ -73,7 +69,7 @@ def _decode_split_kernel(
         kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + seq)
-    chunk = _seq_chunk(seq_len, tl.num_programs(2), BLOCK_N, CHUNK)
+    chunk = _seq_chunk(seq_len, tl.num_programs(2), BLOCK_N)
     start = split * chunk
     if start >= seq_len:
         return  # the reduction only reads the splits that hold tokens
@@ -186,12 +182,12 @@ def _merge_splits(
 def _decode_reduce_kernel(
     o_ptr, mo_ptr, ml_ptr, lens_ptr, so_b, so_h, smo_b, smo_h, smo_s, sml_b, sml_h, n_splits,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    SPLIT_TILE: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT_TILE: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(lens_ptr + seq)
-    n_valid = tl.cdiv(seq_len, _seq_chunk(seq_len, n_splits, BLOCK_N, CHUNK))
+    n_valid = tl.cdiv(seq_len, _seq_chunk(seq_len, n_splits, BLOCK_N))
     ml = ml_ptr + seq * sml_b + h * sml_h
     sp = tl.arange(0, SPLITS_PAD)
     lse = tl.load(ml + sp, mask=sp < n_valid, other=float("-inf"))
@@ -243,9 +239,6 @@ class DecodeConfig:
     head_fast: bool = False  # grid (kv_head, seq, split) instead of (seq, kv_head, split)
     rotate: bool = False  # stagger each program's first tile
     fused: bool = False  # merge splits in the last program (no reduction kernel)
-    # > 0: each split covers this many tokens (a multiple of block_n; num_splits is then
-    # ceil(max_seq_len / chunk)): equal work per program when a batch mixes lengths
-    chunk_tokens: int = 0
 
 
 _TABLE_PATH = Path(__file__).with_name("decode_configs.json")
@@ -341,11 +334,7 @@ def decode_triton(
     if num_splits is not None:
         cfg = replace(cfg, num_splits=num_splits)
     bn = cfg.block_n
-    fixed = 0
-    if cfg.chunk_tokens:
-        fixed = math.ceil(cfg.chunk_tokens / bn) * bn
-        splits = math.ceil(max_seq_len / fixed)
-    elif cfg.num_splits is None:
+    if cfg.num_splits is None:
         splits, _ = plan_splits(b, hkv, max_seq_len, bn, _num_sms(q.device))
     else:
         tiles = max(1, math.ceil(max_seq_len / bn))
@@ -375,12 +364,12 @@ def decode_triton(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_N=bn, PAGE=k_cache.shape[1] if paged else 1, PAGED=paged, DIRECT=direct,
         UPCAST=interp, PREC=prec, HEAD_FAST=cfg.head_fast, ROTATE=cfg.rotate, FUSED=fused,
-        SPLIT_TILE=16, CHUNK=fixed, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_TILE=16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not direct and not fused:
         _decode_reduce_kernel[(b, hq)](
             o, mo, ml, seq_lens, o.stride(0), o.stride(1), *smo, *sml, splits, BLOCK_N=bn,
             HEAD_DIM=d, SPLITS_PAD=max(16, triton.next_power_of_2(splits)), SPLIT_TILE=16,
-            CHUNK=fixed, num_warps=4,
+            num_warps=4,
         )  # fmt: skip
     return o
