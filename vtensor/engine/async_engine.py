@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 from vtensor.engine.engine import EngineArgs, LLMEngine
-from vtensor.engine.outputs import RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
 from vtensor.engine.sequence import Sequence
-from vtensor.engine.streams import EngineDeadError, RequestStreams
+from vtensor.engine.streams import EngineDeadError, RequestStreams, StreamingClient
 
 log = logging.getLogger(__name__)
 
 
-class AsyncLLM:
+class AsyncLLM(StreamingClient):
     """The engine behind the server: implements EngineClient (engine/client.py)."""
+
+    _where = "engine thread"
 
     def __init__(
         self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None, **kwargs: Any
@@ -51,43 +51,20 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ client side
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine thread died: {self._dead!r}")
-        seq = self.engine.make_sequence(request_id, prompt, params)  # raises on bad input
-        q = self._streams.open(request_id)
+    def _sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None
+    ) -> Sequence:
+        return self.engine.make_sequence(request_id, prompt, params)
+
+    def _submit(self, seq: Sequence) -> None:
         with self._cv:
             self._new.append(seq)
             self._cv.notify()
-        stream = self._streams.stream(request_id, q, self._abort_now)
-        try:
-            async for out in stream:
-                yield out
-        finally:  # closed early: the stream's abort runs now, not when collected
-            await stream.aclose()
 
     def _abort_now(self, request_id: str) -> None:
         with self._cv:
             self._aborts.append(request_id)
             self._cv.notify()
-
-    async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
-
-    @property
-    def dead(self) -> BaseException | None:
-        """The error that stopped the engine thread (a device error), or None while it runs:
-        a failure tied to one request ends only that request."""
-        return self._dead
-
-    def stats(self) -> dict:
-        """running / waiting counts, KV snapshot (as of the last step), recent TTFT and TPOT
-        samples in seconds."""
-        with self._cv:
-            stats = self._stats
-        return {**stats, "ttft": list(self._streams.ttft), "tpot": list(self._streams.tpot)}
 
     def shutdown(self) -> None:
         with self._cv:

@@ -12,21 +12,22 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 from vtensor.engine.args import EngineArgs
 from vtensor.engine.core_proc import run_engine_core
 from vtensor.engine.outputs import CompletionOutput, RequestOutput
 from vtensor.engine.sampling_params import SamplingParams
-from vtensor.engine.sequence import new_sequence
-from vtensor.engine.streams import EngineDeadError, RequestStreams
+from vtensor.engine.sequence import Sequence, new_sequence
+from vtensor.engine.streams import EngineDeadError, RequestStreams, StreamingClient
 
 log = logging.getLogger(__name__)
 
 
-class MPAsyncLLM:
+class MPAsyncLLM(StreamingClient):
     """Implements EngineClient (engine/client.py) over an engine process."""
+
+    _where = "engine process"
 
     def __init__(self, args: EngineArgs | None = None, **kwargs: Any) -> None:
         args = args if args is not None else EngineArgs(**kwargs)
@@ -66,33 +67,23 @@ class MPAsyncLLM:
 
     # ------------------------------------------------------------------ client side
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        if self._dead is not None:
-            raise EngineDeadError(f"engine process died: {self._dead!r}")
+    def _sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None
+    ) -> Sequence:
         # tokenized and validated here: a bad request raises at once, without a round trip
-        seq = new_sequence(request_id, prompt, params, tokenizer=self.tokenizer,
-                           max_model_len=self.max_model_len,
-                           vocab_size=self.vocab_size)  # fmt: skip
-        q = self._streams.open(request_id)
+        return new_sequence(request_id, prompt, params, tokenizer=self.tokenizer,
+                            max_model_len=self.max_model_len,
+                            vocab_size=self.vocab_size)  # fmt: skip
+
+    def _submit(self, seq: Sequence) -> None:
         with self._acc_lock:
-            self._acc[request_id] = [seq.prompt, seq.prompt_token_ids, [], "", None]
-        self._send(("add", request_id, seq.prompt_token_ids, seq.params, seq.t_arrival))
-        stream = self._streams.stream(request_id, q, self._abort_now)
-        try:
-            async for out in stream:
-                yield out
-        finally:  # closed early: the stream's abort runs now, not when collected
-            await stream.aclose()
+            self._acc[seq.request_id] = [seq.prompt, seq.prompt_token_ids, [], "", None]
+        self._send(("add", seq.request_id, seq.prompt_token_ids, seq.params, seq.t_arrival))
 
     def _abort_now(self, request_id: str) -> None:
         with self._acc_lock:
             self._acc.pop(request_id, None)
         self._send(("abort", request_id))
-
-    async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
 
     def _send(self, msg: tuple) -> None:
         try:
@@ -101,16 +92,6 @@ class MPAsyncLLM:
         except OSError as e:  # the process is gone; the reader reports it to every stream
             if msg[0] == "add":
                 raise EngineDeadError(f"engine process is gone: {e!r}") from None
-
-    @property
-    def dead(self) -> BaseException | None:
-        """The error that stopped the engine process, or None while it runs."""
-        return self._dead
-
-    def stats(self) -> dict:
-        """running / waiting counts, KV snapshot (as of the last step that took one), recent
-        TTFT and TPOT samples in seconds."""
-        return {**self._stats, "ttft": list(self._streams.ttft), "tpot": list(self._streams.tpot)}
 
     def shutdown(self) -> None:
         if not self._closing:

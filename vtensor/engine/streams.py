@@ -14,10 +14,14 @@ import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vtensor.engine.errors import raise_for
 from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from vtensor.engine.sequence import Sequence
 
 
 class EngineDeadError(RuntimeError):
@@ -105,6 +109,57 @@ class RequestStreams:
 
     def fail_all(self, error: BaseException) -> None:
         self.deliver([(rid, error) for rid in self.ids()])
+
+
+class StreamingClient:
+    """The EngineClient members AsyncLLM and MPAsyncLLM share. A subclass sets `_streams`,
+    `_dead` and `_stats` and says how a request is validated (`_sequence`), handed to the
+    engine (`_submit`) and aborted (`_abort_now`); `_where` names the engine in errors."""
+
+    _streams: RequestStreams
+    _dead: BaseException | None
+    _stats: dict
+    _where = "engine"
+
+    def _sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None
+    ) -> Sequence:
+        raise NotImplementedError
+
+    def _submit(self, seq: Sequence) -> None:
+        raise NotImplementedError
+
+    def _abort_now(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None:
+            raise EngineDeadError(f"{self._where} died: {self._dead!r}")
+        seq = self._sequence(request_id, prompt, params)  # raises on bad input, at once
+        q = self._streams.open(request_id)
+        self._submit(seq)
+        stream = self._streams.stream(request_id, q, self._abort_now)
+        try:
+            async for out in stream:
+                yield out
+        finally:  # closed early: the stream's abort runs now, not when collected
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+
+    @property
+    def dead(self) -> BaseException | None:
+        """The error that stopped the engine (a device error, a dead process), or None while
+        it runs: a failure tied to one request ends only that request."""
+        return self._dead
+
+    def stats(self) -> dict:
+        """running / waiting counts, KV snapshot (as of the last step that took one), recent
+        TTFT and TPOT samples in seconds."""
+        return {**self._stats, "ttft": list(self._streams.ttft), "tpot": list(self._streams.tpot)}
 
 
 def _open(item: Any) -> bool:
