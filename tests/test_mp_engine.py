@@ -209,3 +209,73 @@ def test_a_lagging_caller_gets_waiting_outputs_as_one():
     got, err, aborted = asyncio.run(main(RuntimeError("engine failed")))
     assert [o.outputs[0].new_token_ids for o in got] == [[5, 6, 7]] and str(err) == "engine failed"
     assert not aborted  # an error ends the request: nothing left to abort
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_vtensor_serve_stops_with_its_engine_process(default_gguf_path, sig):
+    """`vtensor serve` (engine process by default) answers, then on SIGTERM / a terminal's
+    Ctrl-C (SIGINT to the whole process group) drains, exits and leaves no engine process;
+    killed outright (SIGKILL to the server alone), its engine process notices and exits."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "vtensor.cli", "serve", "--port", str(port), "--device", "cpu",
+           "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "5",
+           "--served-model-name", "x"]  # fmt: skip
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            assert p.poll() is None, p.stdout.read().decode()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server never came up"
+            time.sleep(0.5)
+        body = {"model": "x", "prompt": "Hello", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        children = _children(p.pid)
+        assert children, "no engine process under vtensor serve"
+        os.killpg(p.pid, sig) if sig == signal.SIGINT else p.send_signal(sig)
+        rc = p.wait(timeout=60)
+        log = p.stdout.read().decode()
+        if sig != signal.SIGKILL:
+            # uvicorn drains, then re-raises the signal it caught (SIGINT: the CLI's exit 130)
+            assert rc in (0, -int(sig), 128 + int(sig)), (rc, log[-3000:])
+            assert "Finished server process" in log, log[-3000:]
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(c) for c in children), "engine process outlived the server"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except OSError:
+        return False
