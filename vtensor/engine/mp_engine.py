@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from vtensor.engine.args import EngineArgs
@@ -22,6 +23,18 @@ from vtensor.engine.sequence import Sequence, new_sequence
 from vtensor.engine.streams import EngineDeadError, RequestStreams, StreamingClient
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Sofar:
+    """One request's output so far, on the server's side: what the engine's per-step deltas
+    (core_proc.delta) add to."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
 
 
 class MPAsyncLLM(StreamingClient):
@@ -54,9 +67,7 @@ class MPAsyncLLM(StreamingClient):
         self.kv_token_capacity: int = payload["kv_token_capacity"]
         self._stats: dict = payload["stats"]
         self._streams = RequestStreams()
-        # request id -> [prompt, prompt ids, output ids, text, logprobs]: what the engine's
-        # per-step deltas add to (core_proc.delta)
-        self._acc: dict[str, list] = {}
+        self._acc: dict[str, _Sofar] = {}  # request id -> its output so far
         self._acc_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._dead: BaseException | None = None
@@ -77,7 +88,7 @@ class MPAsyncLLM(StreamingClient):
 
     def _submit(self, seq: Sequence) -> None:
         with self._acc_lock:
-            self._acc[seq.request_id] = [seq.prompt, seq.prompt_token_ids, [], "", None]
+            self._acc[seq.request_id] = _Sofar(seq.prompt, seq.prompt_token_ids)
         self._send(("add", seq.request_id, seq.prompt_token_ids, seq.params, seq.t_arrival))
 
     def _abort_now(self, request_id: str) -> None:
@@ -138,7 +149,6 @@ class MPAsyncLLM(StreamingClient):
         log.error("engine process failed: %r", error)
         self._streams.fail_all(EngineDeadError(f"engine failed: {error!r}"))
 
-
     def _rebuild(self, deltas: list[tuple]) -> list[RequestOutput]:
         """The engine's per-step deltas -> full RequestOutputs, as AsyncLLM delivers them."""
         outs = []
@@ -147,18 +157,19 @@ class MPAsyncLLM(StreamingClient):
                 acc = self._acc.pop(rid, None) if finished else self._acc.get(rid)
                 if acc is None:
                     continue  # aborted by its caller: nobody is listening
-                acc[2] += ids
-                acc[3] += text
+                acc.token_ids += ids
+                acc.text += text
                 if lps is not None:
-                    acc[4] = acc[4] if acc[4] is not None else []
-                    acc[4] += lps
+                    acc.logprobs = acc.logprobs if acc.logprobs is not None else []
+                    acc.logprobs += lps
                 comp = CompletionOutput(
-                    index=0, text=acc[3], token_ids=list(acc[2]), new_token_ids=ids,
-                    new_text=text, logprobs=list(acc[4]) if acc[4] is not None else None,
+                    index=0, text=acc.text, token_ids=list(acc.token_ids), new_token_ids=ids,
+                    new_text=text,
+                    logprobs=list(acc.logprobs) if acc.logprobs is not None else None,
                     cumulative_logprob=cum, finish_reason=finish, stop_reason=stop,
                 )  # fmt: skip
-                outs.append(RequestOutput(rid, acc[0], acc[1], [comp], finished, cached, err,
-                                          metrics))  # fmt: skip
+                outs.append(RequestOutput(rid, acc.prompt, acc.prompt_token_ids, [comp],
+                                          finished, cached, err, metrics))  # fmt: skip
         return outs
 
 

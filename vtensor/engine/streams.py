@@ -45,6 +45,10 @@ class RequestStreams:
             self._queues[request_id] = (loop, q)
         return q
 
+    def discard(self, request_id: str) -> None:
+        with self._lock:
+            self._queues.pop(request_id, None)
+
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._queues)
@@ -78,8 +82,7 @@ class RequestStreams:
                 if finished:
                     return
         finally:
-            with self._lock:
-                self._queues.pop(request_id, None)
+            self.discard(request_id)
             if not finished:
                 abort(request_id)
 
@@ -139,7 +142,11 @@ class StreamingClient:
             raise EngineDeadError(f"{self._where} died: {self._dead!r}")
         seq = self._sequence(request_id, prompt, params)  # raises on bad input, at once
         q = self._streams.open(request_id)
-        self._submit(seq)
+        try:
+            self._submit(seq)
+        except BaseException:  # never handed over (the engine is gone): no stream to keep
+            self._streams.discard(request_id)
+            raise
         stream = self._streams.stream(request_id, q, self._abort_now)
         try:
             async for out in stream:
