@@ -44,6 +44,9 @@ class EngineArgs:
     enable_prefix_cache: bool = True
     preemption_mode: str = "recompute"  # or "swap"
     enforce_eager: bool = False  # no CUDA graphs
+    # CUDA graphs for prefill steps (prompt chunks + decodes) of <= this many tokens, one per
+    # padded size (engine/mixed_graphs.py); 0: eager. Off until measured on the H200.
+    mixed_graph_tokens: int = 0
     page_size: int | None = None  # virtual KV page bytes (None: EngineConfig decides)
     block_size: int = 16  # paged KV
     attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)
@@ -61,6 +64,8 @@ class EngineArgs:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.mixed_graph_tokens, int) or self.mixed_graph_tokens < 0:
+            raise ValueError(f"mixed_graph_tokens must be >= 0, got {self.mixed_graph_tokens!r}")
         self.kv_memory = parse_memory(self.kv_memory)
 
 

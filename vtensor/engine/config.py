@@ -51,6 +51,7 @@ class EngineConfig:
     kv_memory: int | float  # bytes, or a fraction of free GPU memory
     num_kv_slots: int  # max_num_seqs (+ 1 CUDA-graph pad slot)
     use_cuda_graphs: bool
+    mixed_graph_tokens: int  # prefill steps of <= this many tokens replay graphs (0: none)
     attention_backend: str  # as asked ("auto" resolved by select_backend)
     enable_prefix_cache: bool
     preemption_mode: str
@@ -76,6 +77,7 @@ class EngineConfig:
             device=device, kv=args.kv, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens or tokens, kv_memory=kv_memory,
             num_kv_slots=max_num_seqs + (1 if graphs else 0), use_cuda_graphs=graphs,
+            mixed_graph_tokens=args.mixed_graph_tokens if graphs else 0,
             attention_backend=args.attention_backend or "auto",
             enable_prefix_cache=args.enable_prefix_cache, preemption_mode=args.preemption_mode,
             page_size=args.page_size, block_size=args.block_size, async_map=args.async_map,

@@ -93,6 +93,7 @@ class LLMEngine:
             max_model_len=config.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens,
             use_cuda_graphs=config.use_cuda_graphs,
+            mixed_graph_tokens=config.mixed_graph_tokens,
         )  # fmt: skip
         self.sampler = Sampler(sorted(self.eos_token_ids))
         self.requests: dict[str, Sequence] = {}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vtensor.engine.mixed_graphs import MixedGraphs
 from vtensor.engine.scheduler import ScheduledBatch
 from vtensor.engine.shapes import padded_size, step_sizes, warm_gemms
 from vtensor.engine.transfer import to_device
@@ -59,6 +60,7 @@ class ModelRunner:
         max_model_len: int,
         max_num_batched_tokens: int | None = None,
         use_cuda_graphs: bool = True,
+        mixed_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -80,6 +82,7 @@ class ModelRunner:
                 self.pad_step_shapes(max_num_batched_tokens or max_model_len)
             except RuntimeError as e:
                 log.warning("step shapes not padded: %s", e)
+        self.mixed: MixedGraphs | None = None  # static-shape prefill steps (mixed_graphs.py)
         if self.is_cuda and use_cuda_graphs:
             try:
                 self._capture()
@@ -87,6 +90,26 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly",
                             type(e).__name__, e)  # fmt: skip
                 self.graphs = {}
+            if mixed_graph_tokens and self.graphs:
+                try:
+                    self.static_prefill(mixed_graph_tokens).capture()
+                except Exception as e:  # noqa: BLE001 - prefill steps then run eagerly
+                    log.warning("prefill-step graph capture failed (%s: %s); eager instead",
+                                type(e).__name__, e)  # fmt: skip
+                    self.mixed = None
+
+    def static_prefill(self, max_tokens: int) -> MixedGraphs:
+        """Run prefill steps of <= max_tokens rows in static shapes (mixed_graphs.py): replayed
+        from graphs once captured, else eagerly (what the CPU tests compare)."""
+        self._acquire_pad_slot()
+        cfg = self.model.config
+        self.mixed = MixedGraphs(
+            self._run, self.kv.kv_views, self._pad_store, self._pad_index,
+            max_tokens=max_tokens, max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len, hidden_size=cfg.hidden_size,
+            dtype=self.model.dtype, device=self.device,
+        )  # fmt: skip
+        return self.mixed
 
     # ------------------------------------------------------------------ helpers
 
@@ -134,15 +157,22 @@ class ModelRunner:
         store_a, store_b = self.kv.store_targets(slots, starts, num_new)
         dec_lens = [c + 1 for c in starts[:num_decodes]]
         rows = [last[i] for i in sample_rows]
+        if self.mixed is not None and self.mixed.covers(len(ids)):
+            t = padded_size(self.mixed.sizes, len(ids))
+            flat = self.mixed.host_inputs(t, ids, pos, store_a, store_b, starts, cu, dec_lens,
+                                          self.kv.kv_index(slots))  # fmt: skip
+            put = None if fill is None else (
+                lambda ids_t: fill.apply(ids_t, [last[i] for i in fill.seqs]))  # fmt: skip
+            hidden = self.mixed.run(len(ids), flat, put)
+            return self._logits(hidden, rows, sample_rows)
         if self.token_sizes is not None:  # pad rows: token 0 at position 0 into the pad slot
             pad = padded_size(self.token_sizes, len(ids)) - len(ids)
             pad_a, pad_b = self._pad_store
             ids, pos = ids + [0] * pad, pos + [0] * pad
             store_a, store_b = store_a + [pad_a] * pad, store_b + [pad_b] * pad
-        if self.logit_sizes is not None and rows:
-            rows += rows[:1] * (padded_size(self.logit_sizes, len(rows)) - len(rows))
         ids_t, pos_t, a_t, b_t, pre_t, cu_t, lens_t, rows_t, index_t = self._upload(
-            [ids, pos, store_a, store_b, starts, cu, dec_lens, rows], self.kv.kv_index(slots)
+            [ids, pos, store_a, store_b, starts, cu, dec_lens, self._pad_rows(rows)],
+            self.kv.kv_index(slots),
         )
         meta = AttentionMetadata(
             is_prefill=True,
@@ -164,6 +194,21 @@ class ModelRunner:
         hidden = self._run(meta, ids_t, pos_t)
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32), []
+        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
+        return logits[: len(sample_rows)], sample_rows
+
+    def _pad_rows(self, rows: list[int]) -> list[int]:
+        """Logits rows padded to a logits size (engine/shapes.py) by repeating the first."""
+        if self.logit_sizes is None or not rows:
+            return rows
+        return rows + rows[:1] * (padded_size(self.logit_sizes, len(rows)) - len(rows))
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int], sample_rows: list[int]
+                ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+        if not sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        rows_t = to_device(torch.tensor(self._pad_rows(rows), dtype=torch.int32), torch.int32,
+                           self.device)  # fmt: skip
         logits = self.model.compute_logits(hidden.index_select(0, rows_t))
         return logits[: len(sample_rows)], sample_rows
 
@@ -304,6 +349,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.graphs = {}
+        self.mixed = None
         if self.pad_slot is not None:
             self.kv.free(self.pad_slot)
             self.pad_slot = None

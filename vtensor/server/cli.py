@@ -116,6 +116,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto | safetensors | gguf | dummy (dummy: random weights)",
     )
     eng.add_argument(
+        "--mixed-graph-tokens",
+        type=int,
+        default=None,
+        help="CUDA graphs for prefill steps of up to N tokens (default 0: eager; not yet "
+        "measured)",
+    )
+    eng.add_argument(
         "--kv-idle-trim",
         dest="kv_idle_trim_s",
         type=float,
@@ -137,7 +144,8 @@ def engine_args(args: argparse.Namespace) -> Any:
     from vtensor.engine import EngineArgs
 
     kw: dict[str, Any] = dict(model=args.model, dtype=args.dtype, device=args.device, kv=args.kv)
-    for name in ("max_model_len", "kv_memory", "max_num_seqs", "kv_idle_trim_s"):
+    for name in ("max_model_len", "kv_memory", "max_num_seqs", "kv_idle_trim_s",
+                 "mixed_graph_tokens"):  # fmt: skip
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if args.load_format != "auto":
