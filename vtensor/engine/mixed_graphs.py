@@ -168,6 +168,9 @@ class MixedGraphs:
             meta, ids, pos = self._meta(t)
             self._hidden[:t] = self._run_model(meta, ids, pos)  # warm-up outside the capture
             torch.cuda.synchronize(self.device)
+            # fresh metadata: what the backend derives from it (the prefill tile list) must be
+            # computed inside the graph, from each replay's inputs, not kept from the warm-up
+            meta, ids, pos = self._meta(t)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 self._hidden[:t] = self._run_model(meta, ids, pos)
