@@ -19,6 +19,7 @@ def _config(device: str, **kw) -> EngineConfig:
     return EngineConfig(
         device=torch.device(device), kv="virtual", max_model_len=256, max_num_seqs=4,
         max_num_batched_tokens=256, kv_memory=2**24, num_kv_slots=4, use_cuda_graphs=False,
+        mixed_graph_tokens=0,
         attention_backend="torch", enable_prefix_cache=True, preemption_mode="recompute",
         page_size=args.page_size, block_size=16, async_map=False, kv_idle_trim_s=None,
     )  # fmt: skip
