@@ -46,6 +46,14 @@ def layout(t: int, rows: int, width: int) -> tuple[dict[str, tuple[int, int]], i
     return segs, off
 
 
+def carve(buf: torch.Tensor, t: int, rows: int, width: int) -> dict[str, torch.Tensor]:
+    """`buf`'s views for T's layout: one per input, the index [2 * rows, width]."""
+    segs, _ = layout(t, rows, width)
+    views = {name: buf[a : a + k] for name, (a, k) in segs.items()}
+    views["index"] = views["index"].view(2 * rows, width)
+    return views
+
+
 class MixedGraphs:
     """The static inputs, metadata and graphs of small prefill steps; `run` is the runner's
     prefill step for any step of <= max_tokens rows."""
@@ -93,30 +101,26 @@ class MixedGraphs:
     ) -> torch.Tensor:  # fmt: skip
         """The step's inputs (decode rows first, as the runner orders them) in T's layout."""
         rows, w = self._rows(t), self.width
-        segs, size = layout(t, rows, w)
+        _, size = layout(t, rows, w)
         flat = torch.zeros(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        v = carve(flat, t, rows, w)
         n, d, b = len(ids), len(dec_lens), len(starts)
         p = b - d
-
-        def seg(name: str) -> torch.Tensor:
-            a, k = segs[name]
-            return flat[a : a + k]
-
-        seg("ids")[:n] = torch.tensor(ids, dtype=torch.int32)
-        seg("pos")[:n] = torch.tensor(pos, dtype=torch.int32)
-        sa, sb = seg("store_a"), seg("store_b")
+        v["ids"][:n] = torch.tensor(ids, dtype=torch.int32)
+        v["pos"][:n] = torch.tensor(pos, dtype=torch.int32)
+        sa, sb = v["store_a"], v["store_b"]
         sa[:n], sa[n:] = torch.tensor(store_a, dtype=torch.int32), self.pad_store[0]
         sb[:n], sb[n:] = torch.tensor(store_b, dtype=torch.int32), self.pad_store[1]
-        pre = seg("prefix")
+        pre = v["prefix"]
         pre[:d] = torch.tensor(starts[:d], dtype=torch.int32)
         pre[rows : rows + p] = torch.tensor(starts[d:], dtype=torch.int32)
-        c = seg("cu")  # decode rows [0, D), then S sequences; empty ones repeat the offset
+        c = v["cu"]  # decode rows [0, D), then S sequences; empty ones repeat the offset
         c[: d + 1] = torch.arange(d + 1, dtype=torch.int32)
         c[d + 1 : rows + 1] = d
         c[rows : rows + p + 1] = torch.tensor(cu[d:], dtype=torch.int32)
         c[rows + p + 1 :] = cu[-1]
-        seg("lens")[:d] = torch.tensor(dec_lens, dtype=torch.int32)
-        idx = seg("index").view(2 * rows, w)
+        v["lens"][:d] = torch.tensor(dec_lens, dtype=torch.int32)
+        idx = v["index"]
         idx[:] = self.pad_index
         index = torch.as_tensor(index, dtype=torch.int32).reshape(b, w)
         idx[:d] = index[:d]
@@ -124,27 +128,24 @@ class MixedGraphs:
         return flat
 
     def _meta(self, t: int) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
-        rows, w = self._rows(t), self.width
-        segs, _ = layout(t, rows, w)
-
-        def seg(name: str) -> torch.Tensor:
-            a, k = segs[name]
-            return self._static[a : a + k]
-
+        rows = self._rows(t)
+        v = carve(self._static, t, rows, self.width)
         meta = AttentionMetadata(
-            is_prefill=True, kv_views=self.kv_views, store_a=seg("store_a"),
-            store_b=seg("store_b"), kv_index=seg("index").view(2 * rows, w),
-            prefix_lens=seg("prefix"), cu_seqlens_q=seg("cu"), max_seqlen_q=t,
-            max_seqlen_k=self.max_model_len, seq_lens=seg("lens"),
-            max_seq_len=self.max_model_len, num_decodes=rows,
+            is_prefill=True, kv_views=self.kv_views, store_a=v["store_a"],
+            store_b=v["store_b"], kv_index=v["index"], prefix_lens=v["prefix"],
+            cu_seqlens_q=v["cu"], max_seqlen_q=t, max_seqlen_k=self.max_model_len,
+            seq_lens=v["lens"], max_seq_len=self.max_model_len, num_decodes=rows,
         )  # fmt: skip
-        return meta, seg("ids"), seg("pos")
+        return meta, v["ids"], v["pos"]
 
-    def run(self, n_tokens: int, flat: torch.Tensor, fill: Callable[[torch.Tensor], None] | None
+    def size_for(self, n_tokens: int) -> int:
+        """T: the padded token count (and graph) of a step of n_tokens rows."""
+        return padded_size(self.sizes, n_tokens)
+
+    def run(self, t: int, flat: torch.Tensor, fill: Callable[[torch.Tensor], None] | None
             ) -> torch.Tensor:  # fmt: skip
         """hidden [T, H] of the step whose inputs `host_inputs` laid out for T; `fill` writes
         the in-flight step's sampled ids into the ids rows on the device."""
-        t = padded_size(self.sizes, n_tokens)
         self.steps += 1
         self._static[: flat.numel()].copy_(flat, non_blocking=True)
         meta, ids, pos = self._meta(t)

@@ -158,13 +158,14 @@ class ModelRunner:
         dec_lens = [c + 1 for c in starts[:num_decodes]]
         rows = [last[i] for i in sample_rows]
         if self.mixed is not None and self.mixed.covers(len(ids)):
-            t = padded_size(self.mixed.sizes, len(ids))
+            t = self.mixed.size_for(len(ids))
             flat = self.mixed.host_inputs(t, ids, pos, store_a, store_b, starts, cu, dec_lens,
                                           self.kv.kv_index(slots))  # fmt: skip
             put = None if fill is None else (
                 lambda ids_t: fill.apply(ids_t, [last[i] for i in fill.seqs]))  # fmt: skip
-            hidden = self.mixed.run(len(ids), flat, put)
-            return self._logits(hidden, rows, sample_rows)
+            hidden = self.mixed.run(t, flat, put)
+            rows_t = to_device(self._pad_rows(rows), torch.int32, self.device)
+            return self._logits(hidden, rows_t, sample_rows)
         if self.token_sizes is not None:  # pad rows: token 0 at position 0 into the pad slot
             pad = padded_size(self.token_sizes, len(ids)) - len(ids)
             pad_a, pad_b = self._pad_store
@@ -191,11 +192,7 @@ class ModelRunner:
         )
         if fill is not None:
             fill.apply(ids_t, [last[i] for i in fill.seqs])
-        hidden = self._run(meta, ids_t, pos_t)
-        if not sample_rows:
-            return hidden.new_empty((0, 0), dtype=torch.float32), []
-        logits = self.model.compute_logits(hidden.index_select(0, rows_t))
-        return logits[: len(sample_rows)], sample_rows
+        return self._logits(self._run(meta, ids_t, pos_t), rows_t, sample_rows)
 
     def _pad_rows(self, rows: list[int]) -> list[int]:
         """Logits rows padded to a logits size (engine/shapes.py) by repeating the first."""
@@ -203,12 +200,11 @@ class ModelRunner:
             return rows
         return rows + rows[:1] * (padded_size(self.logit_sizes, len(rows)) - len(rows))
 
-    def _logits(self, hidden: torch.Tensor, rows: list[int], sample_rows: list[int]
+    def _logits(self, hidden: torch.Tensor, rows_t: torch.Tensor, sample_rows: list[int]
                 ) -> tuple[torch.Tensor, list[int]]:  # fmt: skip
+        """Logits of the sampled rows (`rows_t`: their token rows, padded) in batch order."""
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32), []
-        rows_t = to_device(torch.tensor(self._pad_rows(rows), dtype=torch.int32), torch.int32,
-                           self.device)  # fmt: skip
         logits = self.model.compute_logits(hidden.index_select(0, rows_t))
         return logits[: len(sample_rows)], sample_rows
 
