@@ -32,15 +32,22 @@ def tiny(tmp_path_factory):
     return str(path), hf
 
 
+@torch.no_grad()
 def _greedy_hf(hf, ids: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))  # fmt: skip
-    return out[0, len(ids):].tolist()
+    """n greedy tokens, past EOS too (the engine runs with ignore_eos; generate() stops)."""
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
 
 
-def _run(path: str, static_tokens: int | None, prompts: list[list[int]], device: str = "cpu"):
-    kw = {"mixed_graph_tokens": static_tokens or 0} if device == "cuda" else {"page_size": 4096}
-    eng = LLMEngine(model=path, device=device, dtype="float32", max_model_len=128,
+def _run(path: str, static_tokens: int | None, prompts: list[list[int]], device: str = "cpu",
+         kv: str = "virtual"):  # fmt: skip
+    if device == "cuda":
+        kw = {"mixed_graph_tokens": static_tokens or 0}
+    else:
+        kw = {"page_size": 4096} if kv == "virtual" else {"block_size": 4}
+    eng = LLMEngine(model=path, device=device, dtype="float32", max_model_len=128, kv=kv,
                     attention_backend="triton", max_num_batched_tokens=24, max_num_seqs=8,
                     **kw)  # fmt: skip
     if device == "cuda":  # captured at start-up
@@ -67,13 +74,14 @@ def _run(path: str, static_tokens: int | None, prompts: list[list[int]], device:
     return [got[str(i)] for i in range(len(prompts))], mixed
 
 
-def test_static_prefill_steps_match_dynamic_and_hf(tiny):
+@pytest.mark.parametrize("kv", ["virtual", "paged"])
+def test_static_prefill_steps_match_dynamic_and_hf(tiny, kv):
     path, hf = tiny
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 30, 11, 40, 3)]
     refs = [_greedy_hf(hf, p, NEW) for p in prompts]
-    dynamic, _ = _run(path, None, prompts)
-    static, mixed = _run(path, 64, prompts)
+    dynamic, _ = _run(path, None, prompts, kv=kv)
+    static, mixed = _run(path, 64, prompts, kv=kv)
     assert dynamic == refs
     assert static == refs
     assert mixed.graphs == {}  # eager on the CPU: the static shapes alone are under test
@@ -81,7 +89,8 @@ def test_static_prefill_steps_match_dynamic_and_hf(tiny):
 
 
 @pytest.mark.gpu
-def test_prefill_step_graphs_on_cuda(tiny):
+@pytest.mark.parametrize("kv", ["virtual", "paged"])
+def test_prefill_step_graphs_on_cuda(tiny, kv):
     """Captured and replayed on the GPU: the same tokens as eager prefill steps and HF."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -89,8 +98,8 @@ def test_prefill_step_graphs_on_cuda(tiny):
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (7, 33, 12, 41, 2)]
     refs = [_greedy_hf(hf, p, NEW) for p in prompts]
-    dynamic, _ = _run(path, None, prompts, "cuda")
-    graphed, mixed = _run(path, 64, prompts, "cuda")
+    dynamic, _ = _run(path, None, prompts, "cuda", kv)
+    graphed, mixed = _run(path, 64, prompts, "cuda", kv)
     assert mixed is not None and mixed.graphs, "no prefill-step graph was captured"
     assert mixed.steps >= 4
     assert dynamic == refs and graphed == refs

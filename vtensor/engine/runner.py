@@ -90,7 +90,7 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly",
                             type(e).__name__, e)  # fmt: skip
                 self.graphs = {}
-            if mixed_graph_tokens and self.graphs:
+            if mixed_graph_tokens and self.graphs and backend.static_shapes:
                 try:
                     self.static_prefill(mixed_graph_tokens).capture()
                 except Exception as e:  # noqa: BLE001 - prefill steps then run eagerly

@@ -105,6 +105,9 @@ class AttentionBackend(ABC):
     decode attention over K/V that are already in the cache (stored before the call)."""
 
     name: str
+    # runs from metadata padded to fixed shapes (grids sized from static bounds, rows with
+    # seq_len 0 and empty sequences skipped): what prefill-step CUDA graphs replay
+    static_shapes: bool = False
 
     def __init__(self, paged: bool) -> None:
         self.paged = paged
@@ -166,6 +169,7 @@ class TritonBackend(AttentionBackend):
     gets only the prompt chunks."""
 
     name = "triton"
+    static_shapes = True
 
     def kernels(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
         from vtensor.ops.triton_decode import decode_triton

@@ -24,10 +24,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--mixed-graph-tokens", type=int, default=0,
+                   help="replay prefill steps of <= N tokens from CUDA graphs (0: eager)")
     a = p.parse_args()
     spec = spec_for(a.model)
     eng = LLMEngine(model=spec.model, load_format=spec.load_format, dtype=spec.dtype,
-                    max_model_len=8192 if a.model != "tiny" else 4096)  # fmt: skip
+                    max_model_len=8192 if a.model != "tiny" else 4096,
+                    mixed_graph_tokens=a.mixed_graph_tokens)  # fmt: skip
     rng = random.Random(0)
     vocab = eng.model_config.vocab_size
     par = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
@@ -41,7 +44,12 @@ def main() -> None:
         eng.step()
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": []}
+    mixed = eng.runner.mixed
+    res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "rows": [],
+           "mixed_graph_tokens": a.mixed_graph_tokens,
+           "graphs": len(mixed.graphs) if mixed else 0,
+           "capture_s": mixed.capture_s if mixed else 0.0,
+           "reserved_gib": torch.cuda.memory_reserved() / 2**30 if cuda else 0.0}
     prof = cProfile.Profile()
     for k, new in enumerate([150] * 12 + [1000] * 6 + [4000] * 3):
         sync()
@@ -67,6 +75,7 @@ def main() -> None:
     st.sort_stats("cumulative").print_stats(50)
     res["cprofile"] = s.getvalue()
     print(res["cprofile"], flush=True)
+    res["static_steps"] = mixed.steps if mixed else 0
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     eng.close()
