@@ -45,9 +45,10 @@ class EngineArgs:
     preemption_mode: str = "recompute"  # or "swap"
     enforce_eager: bool = False  # no CUDA graphs
     # CUDA graphs for prefill steps (prompt chunks + decodes) of <= this many tokens, one per
-    # padded size (engine/mixed_graphs.py); 0: eager. Online multi-turn on the H200: TTFT p50
-    # 52.6 -> 23.1 ms, TPOT 7.6 -> 5.3 ms for ~2 s of capture (bench/results/2026-11-30g).
-    mixed_graph_tokens: int = 512
+    # padded size (engine/mixed_graphs.py); 0: eager. H200, Llama-3-8B: online multi-turn TTFT
+    # p50 52.6 -> 23.1 ms, TPOT 7.6 -> 5.3 ms; a 1000-token step with 16 decodes 36.9 -> 28.3 ms
+    # (host-bound up to ~1K tokens); 68 graphs in 6.9 s, +0.3 GiB (bench/results/2026-11-30g).
+    mixed_graph_tokens: int = 2048
     page_size: int | None = None  # virtual KV page bytes (None: EngineConfig decides)
     block_size: int = 16  # paged KV
     attention_backend: str | None = None  # torch | triton | flash | auto (CPU: torch)

@@ -13,7 +13,7 @@ rows aimed at the pad slot. The Triton backend already sizes its grids from thes
 bounds (the prefill tile list is built on the device; the decode grid from max_seq_len).
 Logits stay outside the graph (their row count varies).
 
-On by default for steps of <= 512 tokens (EngineArgs.mixed_graph_tokens), with backends whose
+On by default for steps of <= 2048 tokens (EngineArgs.mixed_graph_tokens), with backends whose
 kernels take static shapes (AttentionBackend.static_shapes: our Triton kernels).
 """
 

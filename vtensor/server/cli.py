@@ -119,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--mixed-graph-tokens",
         type=int,
         default=None,
-        help="CUDA graphs for prefill steps of up to N tokens (default 512; 0: eager)",
+        help="CUDA graphs for prefill steps of up to N tokens (default 2048; 0: eager)",
     )
     eng.add_argument(
         "--kv-idle-trim",
