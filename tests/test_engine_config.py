@@ -47,3 +47,21 @@ def test_cpu_and_explicit_page_sizes_are_left_alone(monkeypatch):
     assert _recorded(monkeypatch, _config("cpu"))["min_page_size"] is None
     seen = _recorded(monkeypatch, _config("cuda", page_size=2**16))
     assert seen["page_size"] == 2**16
+
+
+def test_prefill_step_graphs_up_to_the_step_budget(monkeypatch):
+    """On by default on CUDA (2048 tokens), never past the step token budget, off eager/CPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(config_mod, "default_batch_limits", lambda device: (1024, 16384))
+    model = SimpleNamespace(max_position_embeddings=4096)
+
+    def graphs(device: str = "cuda", **kw) -> int:
+        args = EngineArgs(model="x", **kw)
+        return EngineConfig.resolve(args, model, torch.device(device)).mixed_graph_tokens
+
+    assert graphs() == EngineArgs(model="x").mixed_graph_tokens == 2048
+    assert graphs(max_num_batched_tokens=300) == 300
+    assert graphs(mixed_graph_tokens=64) == 64
+    assert graphs(enforce_eager=True) == 0
+    assert graphs("cpu") == 0

@@ -70,14 +70,16 @@ class EngineConfig:
         seqs, tokens = default_batch_limits(device)
         max_num_seqs = args.max_num_seqs or seqs
         graphs = cuda and not args.enforce_eager
+        step_tokens = args.max_num_batched_tokens or tokens
         kv_memory = args.kv_memory
         if kv_memory is None:
             kv_memory = KV_MEMORY_FRACTION if cuda else CPU_KV_BYTES
         return cls(
             device=device, kv=args.kv, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens or tokens, kv_memory=kv_memory,
+            max_num_batched_tokens=step_tokens, kv_memory=kv_memory,
             num_kv_slots=max_num_seqs + (1 if graphs else 0), use_cuda_graphs=graphs,
-            mixed_graph_tokens=args.mixed_graph_tokens if graphs else 0,
+            # no step is larger than the token budget: no graph for larger sizes
+            mixed_graph_tokens=min(args.mixed_graph_tokens, step_tokens) if graphs else 0,
             attention_backend=args.attention_backend or "auto",
             enable_prefix_cache=args.enable_prefix_cache, preemption_mode=args.preemption_mode,
             page_size=args.page_size, block_size=args.block_size, async_map=args.async_map,
