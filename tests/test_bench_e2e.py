@@ -190,6 +190,7 @@ def test_engine_step_stats_from_metrics():
         "# TYPE vtensor:engine_steps_total counter",
         'vtensor:engine_steps_total{kind="prefill"} 10',
         'vtensor:engine_steps_total{kind="decode"} 90',
+        "vtensor:engine_prefill_steps_graphed_total 7",
         'vtensor:engine_host_seconds_total{phase="launch"} 0.2',
         'vtensor:engine_host_seconds_total{phase="process"} 0.5',
         'vtensor:engine_host_seconds_total{phase="schedule"} 0.1',
@@ -198,6 +199,7 @@ def test_engine_step_stats_from_metrics():
     ])  # fmt: skip
     s = engine_step_stats(text)
     assert s["steps"] == {"prefill": 10, "decode": 90}
+    assert s["prefill_graphed"] == 7
     assert s["host_ms_per_step"] == {"launch": 2.0, "process": 5.0, "schedule": 1.0, "wait": 4.0}
     assert s["wait_share"] == 0.5  # 0.4 of 0.8 s (process includes wait)
     assert engine_step_stats("vllm:num_requests_running 3\n") is None

@@ -567,6 +567,7 @@ def test_metrics(client, url):
         assert name in s, name
     assert s["vtensor:generation_tokens_total"] >= 4
     assert s["vtensor:num_requests_waiting_first_token"] == 0  # nothing leaked by cancellations
+    assert s["vtensor:engine_prefill_steps_graphed_total"] == 0  # the CPU: no CUDA graphs
     assert 0 <= s["vtensor:prefix_cache_hit_rate"] <= 1 and s["vtensor:kv_pages_in_use"] > 0
     for h in ("time_to_first_token_seconds", "time_per_output_token_seconds"):
         buckets = [v for k, v in s.items() if k.startswith(f"vtensor:{h}_bucket")]

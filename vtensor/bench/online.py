@@ -155,10 +155,11 @@ def parse_prometheus(text: str) -> dict[str, float]:
 
 def engine_step_stats(metrics_text: str) -> dict | None:
     """From `vtensor serve`'s /metrics: its engine's steps, and host ms per step by phase
-    (`wait`: blocked on the GPU; a wait share near 1 means the run was GPU-bound). None for a
-    server without these metrics (vLLM)."""
+    (`wait`: blocked on the GPU; a wait share near 1 means the run was GPU-bound), and how many
+    prefill steps replayed a CUDA graph. None for a server without these metrics (vLLM)."""
     steps: dict[str, float] = {}
     host: dict[str, float] = {}
+    graphed = parse_prometheus(metrics_text).get("engine_prefill_steps_graphed_total")
     series = (("vtensor:engine_steps_total{", steps, "kind"),
               ("vtensor:engine_host_seconds_total{", host, "phase"))  # fmt: skip
     for line in metrics_text.splitlines():
@@ -173,6 +174,7 @@ def engine_step_stats(metrics_text: str) -> dict | None:
     busy = sum(v for k, v in host.items() if k != "wait")  # process includes wait
     return {
         "steps": {k: int(v) for k, v in steps.items()},
+        "prefill_graphed": None if graphed is None else int(graphed),
         "host_ms_per_step": {k: round(1e3 * v / n, 3) for k, v in host.items()},
         "wait_share": round(host.get("wait", 0.0) / busy, 4) if busy else None,
     }

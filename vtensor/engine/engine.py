@@ -387,6 +387,7 @@ class LLMEngine:
             "running": len(s.running), "waiting": len(s.waiting), "swapped": len(s.swapped),
             "num_preemptions": s.num_preemptions, **self.counters,
             "host_s": dict(self.timing), "cuda_graphs": sorted(self.runner.graphs),
+            "prefill_steps_graphed": self.runner.mixed.replays if self.runner.mixed else 0,
         }  # fmt: skip
         if include_kv:
             out["kv"] = self.kv_cache.snapshot()

@@ -89,6 +89,7 @@ class MixedGraphs:
         self.graphs: dict[int, Any] = {}
         self.capture_s = 0.0
         self.steps = 0  # prefill steps run in static shapes (replayed or eager)
+        self.replays = 0  # of which replayed from a graph
 
     def _rows(self, t: int) -> int:
         return min(t, self.max_num_seqs)
@@ -155,6 +156,7 @@ class MixedGraphs:
         g = self.graphs.get(t)
         if g is not None:
             g.replay()
+            self.replays += 1
         else:  # not captured (the CPU tests): the same static-shape step, eagerly
             self._hidden[:t] = self._run_model(meta, ids, pos)
         return self._hidden[:t]

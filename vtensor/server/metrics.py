@@ -125,6 +125,11 @@ class ServerMetrics:
             metric("engine_steps_total", "counter", "Engine steps by kind (with prefill or "
                    "decode only).", [f'{PREFIX}engine_steps_total{{kind="{k}"}} {v}'
                                      for k, v in steps.items()])  # fmt: skip
+        graphed = _get(s, "prefill_steps_graphed")
+        if graphed is not None:
+            metric("engine_prefill_steps_graphed_total", "counter", "Steps with prefill "
+                   "replayed from a CUDA graph (--mixed-graph-tokens).",
+                   [f"{PREFIX}engine_prefill_steps_graphed_total {graphed}"])  # fmt: skip
         host = {k.removesuffix("_s"): v for k, v in (s.get("host_s") or {}).items()
                 if _get(s["host_s"], k) is not None}  # fmt: skip
         if host:
