@@ -200,6 +200,21 @@ def test_engine_step_stats_from_metrics():
     s = engine_step_stats(text)
     assert s["steps"] == {"prefill": 10, "decode": 90}
     assert s["prefill_graphed"] == 7
+    assert s["queue_ms_p50"] is None  # no histogram in this text
     assert s["host_ms_per_step"] == {"launch": 2.0, "process": 5.0, "schedule": 1.0, "wait": 4.0}
     assert s["wait_share"] == 0.5  # 0.4 of 0.8 s (process includes wait)
     assert engine_step_stats("vllm:num_requests_running 3\n") is None
+
+
+def test_histogram_quantile_interpolates_like_promql():
+    from vtensor.bench.online import histogram_quantile
+
+    name = "vtensor:request_queue_time_seconds"
+    text = "\n".join([f'{name}_bucket{{le="0.01"}} 10', f'{name}_bucket{{le="0.1"}} 90',
+                      f'{name}_bucket{{le="1.0"}} 100', f'{name}_bucket{{le="+Inf"}} 100',
+                      f"{name}_sum 5.0", f"{name}_count 100"])  # fmt: skip
+    assert histogram_quantile(text, name, 0.05) == 0.005  # half of the first bucket
+    assert abs(histogram_quantile(text, name, 0.5) - (0.01 + 0.09 * 40 / 80)) < 1e-12
+    assert abs(histogram_quantile(text, name, 0.95) - (0.1 + 0.9 * 5 / 10)) < 1e-12
+    assert histogram_quantile(text.replace(" 100", " 0").replace(" 90", " 0")
+                              .replace(" 10", " 0"), name, 0.5) is None  # fmt: skip

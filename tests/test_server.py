@@ -568,6 +568,10 @@ def test_metrics(client, url):
     assert s["vtensor:generation_tokens_total"] >= 4
     assert s["vtensor:num_requests_waiting_first_token"] == 0  # nothing leaked by cancellations
     assert s["vtensor:engine_prefill_steps_graphed_total"] == 0  # the CPU: no CUDA graphs
+    ttft = s["vtensor:time_to_first_token_seconds_count"]
+    for h in ("request_queue_time_seconds", "request_prefill_time_seconds"):  # engine-side
+        assert s[f"vtensor:{h}_count"] == ttft and s[f"vtensor:{h}_sum"] <= s[
+            "vtensor:time_to_first_token_seconds_sum"]  # fmt: skip
     assert 0 <= s["vtensor:prefix_cache_hit_rate"] <= 1 and s["vtensor:kv_pages_in_use"] > 0
     for h in ("time_to_first_token_seconds", "time_per_output_token_seconds"):
         buckets = [v for k, v in s.items() if k.startswith(f"vtensor:{h}_bucket")]

@@ -153,6 +153,29 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return out
 
 
+def histogram_quantile(metrics_text: str, name: str, q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram, interpolated in its bucket (as PromQL's
+    histogram_quantile); None when it has no samples. Past the last finite bound: that bound."""
+    prefix = f'{name}_bucket{{le="'
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith(prefix):
+            le, _, value = line[len(prefix):].partition('"} ')
+            buckets.append((float(le), float(value)))  # "+Inf" parses as inf
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lo
+            return lo + (le - lo) * (rank - below) / (count - below) if count > below else le
+        lo, below = le, count
+    return lo
+
+
 def engine_step_stats(metrics_text: str) -> dict | None:
     """From `vtensor serve`'s /metrics: its engine's steps, and host ms per step by phase
     (`wait`: blocked on the GPU; a wait share near 1 means the run was GPU-bound), and how many
@@ -175,9 +198,17 @@ def engine_step_stats(metrics_text: str) -> dict | None:
     return {
         "steps": {k: int(v) for k, v in steps.items()},
         "prefill_graphed": None if graphed is None else int(graphed),
+        # the engine's part of TTFT (ms): queued, then prefill until the first token sampled
+        **{f"{k}_ms_p{int(q * 100)}": _ms(histogram_quantile(
+            metrics_text, f"vtensor:request_{k}_time_seconds", q))
+           for k in ("queue", "prefill") for q in (0.5, 0.99)},  # fmt: skip
         "host_ms_per_step": {k: round(1e3 * v / n, 3) for k, v in host.items()},
         "wait_share": round(host.get("wait", 0.0) / busy, 4) if busy else None,
     }
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(1e3 * s, 2)
 
 
 def metrics_probe(base_url: str) -> Callable[[], dict]:

@@ -34,7 +34,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the KV cache (not recomputed)
     error: RequestError | None = None  # why the engine gave up on it (finish "error")
-    metrics: dict | None = None  # arrival / first token / finish times (time.monotonic)
+    # arrival / first scheduled / first token / finish times (time.monotonic)
+    metrics: dict | None = None
 
 
 def make_output(seq: Sequence) -> RequestOutput:
@@ -64,6 +65,7 @@ def make_output(seq: Sequence) -> RequestOutput:
         error=seq.error,
         metrics={
             "arrival": seq.t_arrival,
+            "scheduled": seq.t_scheduled,
             "first_token": seq.t_first_token,
             "finish": seq.t_finish,
             "num_preemptions": seq.num_preemptions,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -200,8 +201,8 @@ class Scheduler:
                 self._fail(seq, self._too_large(seq, n))
                 continue
             self.waiting.popleft()
-            if not seq.admitted:
-                seq.admitted = True
+            if seq.t_scheduled is None:  # first admission (not a resumption)
+                seq.t_scheduled = time.monotonic()
                 seq.num_cached_tokens = alloc.num_cached_tokens
             seq.status = Status.RUNNING
             running.append(seq)

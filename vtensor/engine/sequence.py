@@ -32,7 +32,6 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     num_computed: int = 0  # tokens whose KV is in the cache (a prefix of token_ids)
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on first admission
-    admitted: bool = False
     slot: int | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -47,6 +46,7 @@ class Sequence:
     num_pending: int = 0  # sampled tokens still on their way to the host (PLACEHOLDERs at the end)
     sample_row: int = 0  # this request's row in the last launched step's sampled ids
     t_arrival: float = field(default_factory=time.monotonic)
+    t_scheduled: float | None = None  # first admitted to the running batch
     t_first_token: float | None = None
     t_finish: float | None = None
 

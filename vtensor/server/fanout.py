@@ -134,6 +134,7 @@ def _observe(sub: SubRequest, out: RequestOutput, metrics: ServerMetrics) -> Non
         if sub.t_first is None:
             sub.t_first = now
             metrics.ttft.observe(now - sub.t_submit)
+            metrics.observe_engine_times(out.metrics)
         metrics.add_generated(new, now)
     sub.num_tokens = n
     if out.finished:

@@ -53,6 +53,10 @@ class ServerMetrics:
     def __init__(self, window_s: float = 10.0) -> None:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
+        # the engine's side of TTFT: queued (arrival -> first scheduled), then prefill (-> first
+        # token sampled), from the engine's timestamps (one monotonic clock for its process too)
+        self.queue_time = Histogram(TTFT_BUCKETS)
+        self.prefill_time = Histogram(TTFT_BUCKETS)
         self.num_waiting = 0  # engine requests submitted without a first token yet
         self.num_aborted = 0
         self.prompt_tokens = 0
@@ -62,6 +66,13 @@ class ServerMetrics:
         self._window: deque[tuple[float, int]] = deque()  # (time, tokens) for tokens/s
         self._window_tokens = 0
         self.started = time.perf_counter()
+
+    def observe_engine_times(self, m: dict | None) -> None:
+        m = m or {}
+        arrival, sched, first = m.get("arrival"), m.get("scheduled"), m.get("first_token")
+        if arrival is not None and sched is not None and first is not None:
+            self.queue_time.observe(max(0.0, sched - arrival))
+            self.prefill_time.observe(max(0.0, first - sched))
 
     def add_generated(self, n: int, now: float) -> None:
         self.generation_tokens += n
@@ -118,6 +129,12 @@ class ServerMetrics:
                self.ttft.lines(f"{PREFIX}time_to_first_token_seconds"))  # fmt: skip
         metric("time_per_output_token_seconds", "histogram", "Time per output token after "
                "the first.", self.tpot.lines(f"{PREFIX}time_per_output_token_seconds"))  # fmt: skip
+        for name, hist, help_ in (
+            ("request_queue_time_seconds", self.queue_time, "Engine: arrival to first scheduled."),
+            ("request_prefill_time_seconds", self.prefill_time,
+             "Engine: first scheduled to first token sampled."),
+        ):  # fmt: skip
+            metric(name, "histogram", help_, hist.lines(f"{PREFIX}{name}"))
         # the engine's steps and its host time per phase of a step (wait: blocked on the GPU
         # for sampled ids): wait / steps near the step time means GPU-bound, near 0 host-bound
         steps = {k: _get(s, f"{k}_steps") for k in ("prefill", "decode")}
