@@ -3,6 +3,7 @@ not created)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vtensor.engine import config as config_mod
@@ -65,3 +66,28 @@ def test_prefill_step_graphs_up_to_the_step_budget(monkeypatch):
     assert graphs(mixed_graph_tokens=64) == 64
     assert graphs(enforce_eager=True) == 0
     assert graphs("cpu") == 0
+
+
+def test_engine_cli_options_map_to_engine_args():
+    """One definition of the engine's flags (serve / generate / chat): unset flags leave
+    EngineArgs' defaults, set ones land on their fields."""
+    import argparse
+
+    from vtensor.engine.cli_args import add_cli_args, from_cli_args
+
+    p = argparse.ArgumentParser()
+    add_cli_args(p)
+    p.add_argument("--model", default=None)
+    assert from_cli_args(p.parse_args([])) == EngineArgs()
+    a = p.parse_args(["--model", "m.gguf", "--max-num-batched-tokens", "4096", "--enforce-eager",
+                      "--no-enable-prefix-caching", "--preemption-mode", "swap",
+                      "--mixed-graph-tokens", "0", "--kv-memory", "2GiB", "--kv-idle-trim", "5",
+                      "--attention-backend", "triton", "--max-num-seqs", "64"])  # fmt: skip
+    ea = from_cli_args(a, seed=7)
+    assert (ea.model, ea.max_num_batched_tokens, ea.enforce_eager, ea.enable_prefix_cache,
+            ea.preemption_mode, ea.mixed_graph_tokens, ea.kv_memory, ea.kv_idle_trim_s,
+            ea.attention_backend, ea.max_num_seqs, ea.seed) == (
+        "m.gguf", 4096, True, False, "swap", 0, 2 * 2**30, 5.0, "triton", 64, 7)  # fmt: skip
+    for bad in (["--preemption-mode", "later"], ["--max-num-batched-tokens", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)

@@ -603,7 +603,9 @@ def test_cli_arguments(monkeypatch):
     a = p.parse_args(["--model", "/m/Llama-3.gguf", "--kv", "paged", "--max-model-len", "64",
                       "--kv-memory", "1GiB", "--api-key", "k", "--max-waiting", "3"])  # fmt: skip
     assert cli.served_name(a) == "Llama-3" and a.api_key == "k" and a.max_waiting == 3
-    ea = cli.engine_args(a)
+    from vtensor.engine.cli_args import from_cli_args
+
+    ea = from_cli_args(a)
     assert (ea.model, ea.kv, ea.max_model_len, ea.kv_memory) == (
         "/m/Llama-3.gguf",
         "paged",

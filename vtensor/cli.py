@@ -34,7 +34,9 @@ def cli_message(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     for lib, opt in (("load_format='dummy'", "--load-format dummy"),
                      ("load_format=", "--load-format "), ("max_model_len=", "--max-model-len "),
-                     ("kv_memory", "--kv-memory"), ("max_num_seqs", "--max-num-seqs")):  # fmt: skip
+                     ("kv_memory", "--kv-memory"), ("max_num_seqs", "--max-num-seqs"),
+                     ("max_num_batched_tokens", "--max-num-batched-tokens"),
+                     ("mixed_graph_tokens", "--mixed-graph-tokens")):  # fmt: skip
         msg = msg.replace(lib, opt)
     return msg
 

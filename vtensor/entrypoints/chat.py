@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vtensor.cli import cli_message
+from vtensor.engine.cli_args import from_cli_args
 from vtensor.entrypoints.common import (
     add_engine_arguments,
-    engine_args,
     interrupt_between_steps,
     load_engine,
     sampling_params,
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         params = sampling_params(args)
-        ea = engine_args(args)
+        ea = from_cli_args(args)
         engine, _ = load_engine("chat", args.model, lambda: LLMEngine(ea))
     except usage_errors() as e:
         print(f"vtensor chat: {cli_message(e)}", file=sys.stderr)

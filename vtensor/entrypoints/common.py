@@ -13,20 +13,11 @@ from typing import Any
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
+    from vtensor.engine.cli_args import add_cli_args
+
+    g = add_cli_args(p)
     g.add_argument("--model", default=None, help="HF folder, .gguf, or dummy preset (default: "
                    "the embedded SmolLM2-135M-Instruct)")  # fmt: skip
-    g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 "
-                   "(auto: float32 on CPU, the checkpoint's half type on GPU)")  # fmt: skip
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (auto: cuda if any)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's, at most 8192)")
-    g.add_argument("--kv", choices=["virtual", "paged"], default="virtual",
-                   help="KV cache: virtual tensors (default) or a block-table pool")
-    g.add_argument("--kv-memory", default=None, help="KV budget: bytes (4GiB) or fraction (0.8)")
-    g.add_argument("--load-format", default="auto",
-                   help="auto | safetensors | gguf | dummy (dummy: random weights)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (256)")
     s.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -39,16 +30,6 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
     s.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
-
-
-def engine_args(args: argparse.Namespace) -> Any:
-    from vtensor.engine import EngineArgs
-
-    return EngineArgs(
-        model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        kv=args.kv, kv_memory=args.kv_memory, load_format=args.load_format,
-        enforce_eager=args.enforce_eager,
-    )  # fmt: skip
 
 
 def sampling_params(args: argparse.Namespace) -> Any:

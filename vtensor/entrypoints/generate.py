@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from vtensor.cli import UsageError, cli_message
+from vtensor.engine.cli_args import from_cli_args
 from vtensor.entrypoints.common import (
     add_engine_arguments,
-    engine_args,
     interrupt_between_steps,
     load_engine,
     sampling_params,
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     try:
         params = sampling_params(args)
-        ea = engine_args(args)
+        ea = from_cli_args(args)
         llm, load_s = load_engine("generate", args.model, lambda: LLM(**_kwargs(ea)))
     except usage_errors() as e:
         print(f"vtensor generate: {cli_message(e)}", file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from vtensor.engine.client import EngineClient
@@ -91,43 +91,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="server log verbosity (info)",
     )
-    eng = p.add_argument_group("engine")
-    eng.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    eng.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    eng.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + output in tokens (default: the model's, at most 8192)",
-    )
-    eng.add_argument(
-        "--kv",
-        choices=["virtual", "paged"],
-        default="virtual",
-        help="KV cache: virtual tensors (default) or a block-table pool",
-    )
-    eng.add_argument("--kv-memory", default=None, help="KV budget: bytes (4GiB) or fraction (0.8)")
-    eng.add_argument(
-        "--max-num-seqs", type=int, default=None, help="most requests per step (256 GPU, 32 CPU)"
-    )
-    eng.add_argument(
-        "--load-format",
-        default="auto",
-        help="auto | safetensors | gguf | dummy (dummy: random weights)",
-    )
-    eng.add_argument(
-        "--mixed-graph-tokens",
-        type=int,
-        default=None,
-        help="CUDA graphs for prefill steps of up to N tokens (default 2048; 0: eager)",
-    )
-    eng.add_argument(
-        "--kv-idle-trim",
-        dest="kv_idle_trim_s",
-        type=float,
-        default=None,
-        help="seconds idle before free KV pages go back to the driver (default 30)",
-    )
+    from vtensor.engine.cli_args import add_cli_args
+
+    add_cli_args(p)
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -137,19 +103,6 @@ def served_name(args: argparse.Namespace) -> str:
         return DEFAULT_MODEL_NAME
     path = Path(args.model.rstrip("/"))
     return path.stem if path.suffix == ".gguf" else path.name
-
-
-def engine_args(args: argparse.Namespace) -> Any:
-    from vtensor.engine import EngineArgs
-
-    kw: dict[str, Any] = dict(model=args.model, dtype=args.dtype, device=args.device, kv=args.kv)
-    for name in ("max_model_len", "kv_memory", "max_num_seqs", "kv_idle_trim_s",
-                 "mixed_graph_tokens"):  # fmt: skip
-        if getattr(args, name, None) is not None:
-            kw[name] = getattr(args, name)
-    if args.load_format != "auto":
-        kw["load_format"] = args.load_format
-    return EngineArgs(**kw)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -202,10 +155,11 @@ def run(args: argparse.Namespace) -> int:
             import uvicorn
 
             from vtensor.engine import AsyncLLM, MPAsyncLLM
+            from vtensor.engine.cli_args import from_cli_args
             from vtensor.server.api import build_app
             from vtensor.server.lifecycle import DrainingServer, Lifecycle
 
-            ea = engine_args(args)
+            ea = from_cli_args(args)
             client = MPAsyncLLM if args.engine_process else AsyncLLM
             engine, _ = load_engine("serve", args.model, lambda: client(ea))
         except usage_errors() as e:
