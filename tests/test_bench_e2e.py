@@ -200,7 +200,7 @@ def test_engine_step_stats_from_metrics():
     s = engine_step_stats(text)
     assert s["steps"] == {"prefill": 10, "decode": 90}
     assert s["prefill_graphed"] == 7
-    assert s["queue_ms_p50"] is None  # no histogram in this text
+    assert s["queue_ms_p50"] is None and s["server_ttft_ms_p99"] is None  # no histograms here
     assert s["host_ms_per_step"] == {"launch": 2.0, "process": 5.0, "schedule": 1.0, "wait": 4.0}
     assert s["wait_share"] == 0.5  # 0.4 of 0.8 s (process includes wait)
     assert engine_step_stats("vllm:num_requests_running 3\n") is None
