@@ -155,6 +155,11 @@ def test_smoke_online_multi_turn_against_a_real_server(smoke_run):
     # turn 2 carries turn 1 (prompt + the reply's ids): the server reports cached tokens
     assert r["cached_tokens"] > 0
     assert r["prompt_tokens"] == wl.stats()["prompt_tokens"]
+    assert 0 <= r["client_loop_lag_ms"]["p50"] <= r["client_loop_lag_ms"]["max"]
+    # where TTFT goes: the server's view, and the engine's queue + prefill parts of it
+    eng = r["engine"]
+    assert 0 < eng["server_ttft_ms_p50"] <= r["ttft_ms"]["max"] * 1.5  # bucket-interpolated
+    assert eng["queue_ms_p50"] is not None and eng["prefill_ms_p50"] > 0
 
 
 def test_workload_keys_and_hf_selection():

@@ -326,6 +326,15 @@ def _percentiles(xs: list[float], scale: float = 1000.0) -> dict:
     }
 
 
+async def _watch_loop_lag(lag: list[float], period: float = 0.01) -> None:
+    """How late the client's own event loop wakes a 10 ms sleeper: a busy client delays every
+    stream it reads, so its TTFT / TPOT would be the client's, not the server's."""
+    while True:
+        t = time.perf_counter()
+        await asyncio.sleep(period)
+        lag.append(max(0.0, time.perf_counter() - t - period))
+
+
 async def _run_client(
     base_url: str,
     model: str,
@@ -335,7 +344,9 @@ async def _run_client(
     encode: Callable[[str], list[int]] | None,
     deadline: float | None,
     extra_body: dict | None = None,
+    lag: list[float] | None = None,
 ) -> tuple[list[RequestRecord], float, bool]:
+    """Run the workload; `lag` collects the client's event-loop lag (s) while it runs."""
     rng = random.Random(seed)
     units = wl.conversations if wl.multi_turn else wl.requests
     arrivals, t = [], 0.0
@@ -379,13 +390,17 @@ async def _run_client(
                 history = prompt + reply
 
         jobs = asyncio.gather(*(one(i) for i in range(len(units))))
-        if deadline is None:
-            await jobs
-        else:  # requests in flight at the deadline get 30 s more, then are cancelled
-            try:
-                await asyncio.wait_for(jobs, max(1.0, deadline + 30.0 - time.perf_counter()))
-            except TimeoutError:
-                cut = True
+        watch = asyncio.create_task(_watch_loop_lag(lag if lag is not None else []))
+        try:
+            if deadline is None:
+                await jobs
+            else:  # requests in flight at the deadline get 30 s more, then are cancelled
+                try:
+                    await asyncio.wait_for(jobs, max(1.0, deadline + 30.0 - time.perf_counter()))
+                except TimeoutError:
+                    cut = True
+        finally:
+            watch.cancel()
         elapsed = time.perf_counter() - t0
     return records, elapsed, not cut
 
@@ -406,9 +421,10 @@ def run_online(
     extra_body: dict | None = None,
 ) -> dict:
     """Drive `wl` against a running server; returns the JSON-able result record."""
+    lag: list[float] = []
     with MemorySampler(sample_interval, metrics_probe(base_url), rss_pid) as mem:
         records, elapsed, complete = asyncio.run(
-            _run_client(base_url, model, wl, rate, seed, encode, deadline, extra_body)
+            _run_client(base_url, model, wl, rate, seed, encode, deadline, extra_body, lag)
         )
     ok = [r for r in records if r.error is None and r.e2e is not None]
     good = [
@@ -435,6 +451,7 @@ def run_online(
         "ttft_ms": _percentiles([r.ttft for r in ok if r.ttft is not None]),
         "tpot_ms": _percentiles([r.tpot for r in ok if r.tpot is not None]),
         "e2e_ms": _percentiles([r.e2e for r in ok]),
+        "client_loop_lag_ms": _percentiles(lag),  # the client's own delay (see _watch_loop_lag)
         # replies the server returned as ids (multi-turn history resent exactly, no re-encode)
         "server_token_ids": sum(r.token_ids is not None for r in ok) / len(ok) if ok else None,
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
