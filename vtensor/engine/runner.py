@@ -157,12 +157,12 @@ class ModelRunner:
         store_a, store_b = self.kv.store_targets(slots, starts, num_new)
         dec_lens = [c + 1 for c in starts[:num_decodes]]
         rows = [last[i] for i in sample_rows]
+        fill_dst = [last[i] for i in fill.seqs] if fill is not None else []
         if self.mixed is not None and self.mixed.covers(len(ids)):
             t = self.mixed.size_for(len(ids))
             flat = self.mixed.host_inputs(t, ids, pos, store_a, store_b, starts, cu, dec_lens,
                                           self.kv.kv_index(slots))  # fmt: skip
-            put = None if fill is None else (
-                lambda ids_t: fill.apply(ids_t, [last[i] for i in fill.seqs]))  # fmt: skip
+            put = None if fill is None else (lambda ids_t: fill.apply(ids_t, fill_dst))
             hidden = self.mixed.run(t, flat, put)
             rows_t = to_device(self._pad_rows(rows), torch.int32, self.device)
             return self._logits(hidden, rows_t, sample_rows)
@@ -191,7 +191,7 @@ class ModelRunner:
             num_decodes=num_decodes,
         )
         if fill is not None:
-            fill.apply(ids_t, [last[i] for i in fill.seqs])
+            fill.apply(ids_t, fill_dst)
         return self._logits(self._run(meta, ids_t, pos_t), rows_t, sample_rows)
 
     def _pad_rows(self, rows: list[int]) -> list[int]:

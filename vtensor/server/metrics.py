@@ -126,11 +126,9 @@ class ServerMetrics:
                 for r, c in sorted(self.finished.items())])  # fmt: skip
         metric("request_aborted_total", "counter", "Requests aborted (client disconnect).",
                [f"{PREFIX}request_aborted_total {self.num_aborted}"])  # fmt: skip
-        metric("time_to_first_token_seconds", "histogram", "Time to first token.",
-               self.ttft.lines(f"{PREFIX}time_to_first_token_seconds"))  # fmt: skip
-        metric("time_per_output_token_seconds", "histogram", "Time per output token after "
-               "the first.", self.tpot.lines(f"{PREFIX}time_per_output_token_seconds"))  # fmt: skip
         for name, hist, help_ in (
+            ("time_to_first_token_seconds", self.ttft, "Time to first token."),
+            ("time_per_output_token_seconds", self.tpot, "Time per output token after the first."),
             ("request_queue_time_seconds", self.queue_time, "Engine: arrival to first scheduled."),
             ("request_prefill_time_seconds", self.prefill_time,
              "Engine: first scheduled to first token sampled."),
