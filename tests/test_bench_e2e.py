@@ -156,6 +156,10 @@ def test_smoke_online_multi_turn_against_a_real_server(smoke_run):
     assert r["cached_tokens"] > 0
     assert r["prompt_tokens"] == wl.stats()["prompt_tokens"]
     assert 0 <= r["client_loop_lag_ms"]["p50"] <= r["client_loop_lag_ms"]["max"]
+    tl = r["timeline"]  # one row per request, by sending time
+    assert len(tl["sent_s"]) == r["num_ok"] and tl["sent_s"] == sorted(tl["sent_s"])
+    assert sum(tl["completion_tokens"]) == r["output_tokens"]
+    assert max(tl["ttft_ms"]) == pytest.approx(r["ttft_ms"]["max"], abs=0.01)
     # where TTFT goes: the server's view, and the engine's queue + prefill parts of it
     eng = r["engine"]
     assert 0 < eng["server_ttft_ms_p50"] <= r["ttft_ms"]["max"] * 1.5  # bucket-interpolated

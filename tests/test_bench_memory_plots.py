@@ -75,7 +75,8 @@ def _fake_results(tmp_path):
     on = {
         n: {"num_ok": 3, "ttft_ms": {"p50": 5.0 * s, "p99": 9.0 * s},
             "tpot_ms": {"p50": 1.0 * s, "p99": 2.0 * s}, "memory_series": off[n]["memory_series"],
-            "memory": off[n]["memory"]}
+            "memory": off[n]["memory"],
+            "timeline": {"sent_s": [0.0, 0.1, 0.2], "ttft_ms": [5.0 * s, 9.0 * s, None]}}
         for n, s in (("virtual", 1.0), ("paged", 1.5))
     }  # fmt: skip
     return {

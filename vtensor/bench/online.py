@@ -234,6 +234,7 @@ def metrics_probe(base_url: str) -> Callable[[], dict]:
 @dataclass(slots=True)
 class RequestRecord:
     prompt_tokens: int
+    t_send: float = 0.0  # when it was sent, s from the run's start
     completion_tokens: int = 0
     cached_tokens: int = 0
     ttft: float | None = None
@@ -255,6 +256,7 @@ async def stream_completion(
     prompt: list[int],
     max_tokens: int,
     extra_body: dict | None = None,
+    t_start: float | None = None,
 ) -> RequestRecord:
     """One streaming request. `extra_body`: server-specific fields (vLLM: return_token_ids,
     whose chunks carry `token_ids`; with --skip-tokenizer-init their text is empty, so a
@@ -271,6 +273,7 @@ async def stream_completion(
         **(extra_body or {}),
     }
     t0 = time.perf_counter()
+    rec.t_send = t0 - t_start if t_start is not None else 0.0
     parts: list[str] = []
     ids: list[int] = []
     try:
@@ -369,7 +372,7 @@ async def _run_client(
                     cut = True
                     return
                 records.append(await stream_completion(client, model, u.prompt_token_ids,
-                                                       u.max_tokens, extra_body))  # fmt: skip
+                                                       u.max_tokens, extra_body, t0))  # fmt: skip
                 return
             history: list[int] = []
             for user, reply_len in zip(u.user_turns, u.reply_lens, strict=True):
@@ -377,7 +380,7 @@ async def _run_client(
                     cut = True
                     return
                 prompt = history + user
-                rec = await stream_completion(client, model, prompt, reply_len, extra_body)
+                rec = await stream_completion(client, model, prompt, reply_len, extra_body, t0)
                 records.append(rec)
                 if rec.error:
                     return
@@ -459,4 +462,17 @@ def run_online(
         "slo_attainment": len(good) / len(records) if records else None,
         "memory": mem.summary(),
         "memory_series": mem.to_json(),
+        # per request, in sending order: where in the run a latency tail sits
+        "timeline": timeline(ok),
+    }
+
+
+def timeline(records: list[RequestRecord]) -> dict[str, list]:
+    """Columns per request (sent s, TTFT ms, prompt and reply tokens), by sending time."""
+    rs = sorted(records, key=lambda r: r.t_send)
+    return {
+        "sent_s": [round(r.t_send, 4) for r in rs],
+        "ttft_ms": [None if r.ttft is None else round(r.ttft * 1000, 2) for r in rs],
+        "prompt_tokens": [r.prompt_tokens for r in rs],
+        "completion_tokens": [r.completion_tokens for r in rs],
     }

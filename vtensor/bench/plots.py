@@ -128,11 +128,36 @@ def _latency_axis(ax, online: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def _timeline_axes(ax_time, ax_cdf, online: dict) -> None:
+    """TTFT of each request against when it was sent, and TTFT's distribution: is a tail
+    one burst (a stall) or spread over the run (a policy)?"""
+    for system, res in online.items():
+        tl = res.get("timeline") or {}
+        sent, ttft = tl.get("sent_s", []), tl.get("ttft_ms", [])
+        pts = [(t, v) for t, v in zip(sent, ttft, strict=True) if v]
+        if not pts:
+            continue
+        ax_time.scatter([t for t, _ in pts], [v for _, v in pts], s=4, label=system,
+                        color=COLORS.get(system))  # fmt: skip
+        vs = sorted(v for _, v in pts)
+        ax_cdf.plot(vs, [(i + 1) / len(vs) for i in range(len(vs))], label=system,
+                    color=COLORS.get(system))  # fmt: skip
+    ax_time.set_xlabel("sent at, s")
+    ax_time.set_ylabel("TTFT ms")
+    ax_time.set_title("TTFT by sending time")
+    ax_time.legend(fontsize=7)
+    ax_cdf.set_xlabel("TTFT ms")
+    ax_cdf.set_ylabel("fraction of requests")
+    ax_cdf.set_title("TTFT distribution")
+    ax_cdf.legend(fontsize=7)
+
+
 def plot_workload(model: str, workload: str, wres: dict, path: str | os.PathLike) -> str:
     """One PNG for one workload's results (`wres` = results["workloads"][workload])."""
     offline = {k: v for k, v in (wres.get("offline") or {}).items() if "error" not in v}
     online = {k: v for k, v in (wres.get("online") or {}).items() if "error" not in v}
-    rows = 2 if online else 1
+    timelines = any(r.get("timeline") for r in online.values())
+    rows = 1 + bool(online) + timelines
     fig, grid = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
     _mem_axis(grid[0][0], offline, f"{model} / {workload}: memory (offline)")
     _kv_axis(grid[0][1], offline, "KV cache (offline)")
@@ -143,6 +168,9 @@ def plot_workload(model: str, workload: str, wres: dict, path: str | os.PathLike
         _mem_axis(grid[1][0], online, "memory (online, server process)")
         _kv_axis(grid[1][1], online, "KV cache (online)")
         _latency_axis(grid[1][2], online)
+    if timelines:
+        _timeline_axes(grid[2][0], grid[2][1], online)
+        grid[2][2].axis("off")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
