@@ -160,6 +160,10 @@ def test_smoke_online_multi_turn_against_a_real_server(smoke_run):
     assert len(tl["sent_s"]) == r["num_ok"] and tl["sent_s"] == sorted(tl["sent_s"])
     assert sum(tl["completion_tokens"]) == r["output_tokens"]
     assert max(tl["ttft_ms"]) == pytest.approx(r["ttft_ms"]["max"], abs=0.01)
+    tr = r["trace"]  # the server's step trace over this run's window
+    assert tr["steps"] >= wl.stats()["num_requests"] and tr["step_ms"]["max"] > 0
+    assert tr["longest_steps"][0]["ms"] == pytest.approx(tr["step_ms"]["max"])
+    assert any(s["prefill"] and s["prompt_tokens"] > 0 for s in tr["longest_steps"])
     # where TTFT goes: the server's view, and the engine's queue + prefill parts of it
     eng = r["engine"]
     assert 0 < eng["server_ttft_ms_p50"] <= r["ttft_ms"]["max"] * 1.5  # bucket-interpolated
@@ -227,3 +231,49 @@ def test_histogram_quantile_interpolates_like_promql():
     assert abs(histogram_quantile(text, name, 0.95) - (0.1 + 0.9 * 5 / 10)) < 1e-12
     assert histogram_quantile(text.replace(" 100", " 0").replace(" 90", " 0")
                               .replace(" 10", " 0"), name, 0.5) is None  # fmt: skip
+
+
+def test_step_trace_records_steps_gc_and_loop_stalls(tmp_path, monkeypatch):
+    import asyncio
+    import gc
+    import time
+
+    from vtensor.bench.online import summarize_trace
+    from vtensor.engine.step_trace import ENV, StepTrace
+
+    path = str(tmp_path / "trace.jsonl")
+    monkeypatch.setenv(ENV, path)
+    eng, srv = StepTrace.from_env(), StepTrace.from_env(".server")
+    t_from = time.monotonic()
+
+    def stats(steps, prefill, prompt, gen, wait_s):
+        return {"steps": steps, "prefill_steps": prefill, "prompt_tokens_computed": prompt,
+                "generation_tokens": gen, "running": 2, "waiting": 1,
+                "host_s": {"kv_wait_s": 0.0, "wait_s": wait_s}}  # fmt: skip
+
+    t = time.monotonic()
+    eng.step(t, t + 0.010, stats(1, 1, 300, 2, 0.004))  # a prefill step of 300 tokens
+    eng.step(t + 0.010, t + 0.015, stats(2, 1, 300, 4, 0.005))  # then a decode step
+    gc.collect()  # both traces see it (gc.callbacks are per interpreter)
+
+    async def stall() -> None:  # the server's loop blocked ~50 ms by synchronous work
+        watch = asyncio.create_task(srv.watch_loop())
+        await asyncio.sleep(0.02)
+        time.sleep(0.05)
+        await asyncio.sleep(0.02)
+        watch.cancel()
+
+    asyncio.run(stall())
+    eng.close()
+    srv.close()
+    s = summarize_trace(path, t_from, time.monotonic())
+    assert s["steps"] == 2 and s["step_ms"]["max"] == pytest.approx(10.0, abs=0.01)
+    first = s["longest_steps"][0]
+    assert first["prefill"] and first["prompt_tokens"] == 300 and first["gen_tokens"] == 2
+    assert first["gpu_wait_ms"] == pytest.approx(4.0) and first["waiting"] == 1
+    assert s["longest_steps"][1]["prompt_tokens"] == 0  # deltas, not totals
+    assert s["gc_engine"]["count"] >= 1 and s["gc_engine"]["gen2"] >= 1
+    assert s["gc_server"]["count"] >= 1
+    assert s["server_loop_stalls"] >= 1 and s["longest_server_stalls"][0]["loop_lag_ms"] > 30
+    assert summarize_trace(path, t_from - 100, t_from - 50) is None  # nothing in that window
+    assert summarize_trace(str(tmp_path / "none.jsonl"), 0, 1) is None

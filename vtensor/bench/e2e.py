@@ -358,8 +358,15 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
 
     import httpx
 
-    from vtensor.bench.online import ServerProcess, VLLMServer, engine_step_stats, run_online
+    from vtensor.bench.online import (
+        ServerProcess,
+        VLLMServer,
+        engine_step_stats,
+        run_online,
+        summarize_trace,
+    )
     from vtensor.bench.vllm_system import ONLINE_EXTRA_BODY, parse_backend, vllm_unavailable
+    from vtensor.engine.step_trace import ENV as TRACE_ENV
 
     if system == "vllm":
         why = vllm_unavailable()
@@ -396,9 +403,10 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
         server = VLLMServer(spec.model, max_model_len=max_len, dtype=spec.dtype,
                             load_format=spec.load_format, startup_timeout=startup,
                             log_path=log_path)  # fmt: skip
-    else:
+    else:  # with its step trace: what a latency tail lines up with (step_trace.py)
+        trace = str(Path(work_dir) / f"trace_{system}.jsonl")
         server = ServerProcess(serve_args(spec, system, max_len, args), log_path=log_path,
-                               startup_timeout=startup)  # fmt: skip
+                               startup_timeout=startup, env={TRACE_ENV: trace})  # fmt: skip
     try:
         t_start = time.time()
         with server as srv:
@@ -417,6 +425,8 @@ def _run_online_phase(system, spec, wls, args, deadline, work_dir, results) -> N
                 rec["system"] = system
                 if system != "vllm":  # where the server's engine spent its steps
                     rec["engine"] = engine_step_stats(httpx.get(srv.base_url + "/metrics").text)
+                    time.sleep(0.6)  # the trace's last lines reach its file (<= 0.5 s behind)
+                    rec["trace"] = summarize_trace(trace, *rec["t_monotonic"])
                 rec["server_startup_s"] = round(startup_s, 1)
                 if system == "vllm":
                     text = Path(log_path).read_text(errors="replace")

@@ -21,11 +21,13 @@ import contextlib
 import logging
 import pickle
 import signal
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from vtensor.engine.args import EngineArgs
 from vtensor.engine.outputs import RequestOutput
+from vtensor.engine.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,9 @@ def run_engine_core(args: EngineArgs, conn: Connection) -> None:
         "stats": eng.stats(),
     }
     conn.send(("ready", info))
+    trace = StepTrace.from_env()
     try:
-        _loop(eng, conn)
+        _loop(eng, conn, trace)
         conn.send(("closed",))
     except (BrokenPipeError, EOFError):
         pass  # the parent is gone: nobody to tell
@@ -72,11 +75,13 @@ def run_engine_core(args: EngineArgs, conn: Connection) -> None:
         with contextlib.suppress(OSError):
             conn.send(("dead", portable(e)))
     finally:
+        if trace is not None:
+            trace.close()
         eng.close()
         conn.close()
 
 
-def _loop(eng: Any, conn: Connection) -> None:
+def _loop(eng: Any, conn: Connection, trace: StepTrace | None = None) -> None:
     from vtensor.engine.sequence import new_sequence
 
     busy = False
@@ -85,6 +90,8 @@ def _loop(eng: Any, conn: Connection) -> None:
             if busy:  # just went idle: the parent's /metrics should say so
                 conn.send(("stats", eng.stats()))
                 busy = False
+                if trace is not None:
+                    trace.flush()
             if not conn.poll(IDLE_POLL_S):
                 eng.on_idle()
                 continue
@@ -107,9 +114,12 @@ def _loop(eng: Any, conn: Connection) -> None:
         if not eng.has_unfinished_requests():
             continue
         busy = True
+        t0 = time.monotonic()
         outs = eng.step()
         # the KV snapshot walks every slot: every 16 steps (and when idle)
         stats = eng.stats(include_kv=eng.counters["steps"] % 16 == 0)
+        if trace is not None:
+            trace.step(t0, time.monotonic(), stats)
         conn.send(("out", [delta(o) for o in outs], stats))
 
 

@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
             from vtensor.engine import AsyncLLM, MPAsyncLLM
             from vtensor.engine.cli_args import from_cli_args
+            from vtensor.engine.step_trace import StepTrace
             from vtensor.server.api import build_app
             from vtensor.server.lifecycle import DrainingServer, Lifecycle
 
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         except usage_errors() as e:
             print(f"vtensor serve: {cli_message(e)}", file=sys.stderr)
             return 2
+        trace = StepTrace.from_env(".server")  # GC and event-loop stalls, if asked for
         try:
             warning = fit_kv_budget(engine)
             if warning:
@@ -174,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             app = build_app(engine, name, api_key=args.api_key, max_waiting=args.max_waiting,
                             max_body_size=args.max_body_size, lifecycle=life)  # fmt: skip
             config = uvicorn.Config(app, log_level=args.log_level)
-            server = DrainingServer(config, life, args.drain_timeout)
+            server = DrainingServer(config, life, args.drain_timeout,
+                                    trace.watch_loop if trace is not None else None)  # fmt: skip
             log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
             server.run(sockets=[sock])
         except usage_errors() as e:
@@ -182,4 +185,6 @@ def run(args: argparse.Namespace) -> int:
             return 2
         finally:
             engine.shutdown()
+            if trace is not None:
+                trace.close()
     return 0

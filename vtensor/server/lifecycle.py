@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import uvicorn
@@ -66,17 +67,31 @@ class DrainingServer(uvicorn.Server):
     seconds (None: no limit, uvicorn's behaviour)."""
 
     def __init__(
-        self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float | None
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        drain_timeout_s: float | None,
+        background: Callable[[], Coroutine] | None = None,
     ) -> None:
+        """background: a coroutine to run on the server's event loop while it serves."""
         if drain_timeout_s is not None and config.timeout_graceful_shutdown is None:
             # backstop: uvicorn cancels whatever still runs a little after our deadline
             config.timeout_graceful_shutdown = int(drain_timeout_s) + 5
         super().__init__(config)
         self.lifecycle = lifecycle
         self.drain_timeout_s = drain_timeout_s
+        self._background = background
+        self._task: asyncio.Task | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._background is not None:
+            self._task = asyncio.create_task(self._background())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.lifecycle.begin_drain(self.drain_timeout_s)
+        if self._task is not None:
+            self._task.cancel()
         await super().shutdown(sockets)
 
 
