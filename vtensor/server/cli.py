@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import logging
 import os
 import socket
@@ -178,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
             config = uvicorn.Config(app, log_level=args.log_level)
             server = DrainingServer(config, life, args.drain_timeout,
                                     trace.watch_loop if trace is not None else None)  # fmt: skip
+            # What start-up built (torch, the tokenizer, the app) lives as long as the server:
+            # out of the cyclic GC's sight, or each full collection walks it while streams
+            # wait (measured: 120-170 ms pauses, the TTFT tail under load; vLLM does the same)
+            gc.collect()
+            gc.freeze()
             log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
             server.run(sockets=[sock])
         except usage_errors() as e:
