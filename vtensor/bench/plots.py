@@ -157,20 +157,28 @@ def plot_workload(model: str, workload: str, wres: dict, path: str | os.PathLike
     offline = {k: v for k, v in (wres.get("offline") or {}).items() if "error" not in v}
     online = {k: v for k, v in (wres.get("online") or {}).items() if "error" not in v}
     timelines = any(r.get("timeline") for r in online.values())
-    rows = 1 + bool(online) + timelines
-    fig, grid = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
-    _mem_axis(grid[0][0], offline, f"{model} / {workload}: memory (offline)")
-    _kv_axis(grid[0][1], offline, "KV cache (offline)")
-    names = list(offline)
-    _bars(grid[0][2], names, [offline[n].get("output_tokens_per_s") for n in names],
-          "offline throughput", "output tokens/s (higher is better)")  # fmt: skip
+    # a row per part there is: offline (or nothing at all), online, its TTFT timeline
+    rows = [r for r, on in (("offline", offline or not online), ("online", online),
+                            ("timeline", timelines)) if on]  # fmt: skip
+    fig, grid = plt.subplots(len(rows), 3, figsize=(16, 4.2 * len(rows)), squeeze=False)
+    axes = dict(zip(rows, grid, strict=True))
+    if "offline" in axes:
+        ax = axes["offline"]
+        _mem_axis(ax[0], offline, f"{model} / {workload}: memory (offline)")
+        _kv_axis(ax[1], offline, "KV cache (offline)")
+        names = list(offline)
+        _bars(ax[2], names, [offline[n].get("output_tokens_per_s") for n in names],
+              "offline throughput", "output tokens/s (higher is better)")  # fmt: skip
     if online:
-        _mem_axis(grid[1][0], online, "memory (online, server process)")
-        _kv_axis(grid[1][1], online, "KV cache (online)")
-        _latency_axis(grid[1][2], online)
+        ax = axes["online"]
+        title = "memory (online, server process)"
+        _mem_axis(ax[0], online, title if "offline" in axes else f"{model} / {workload}: {title}")
+        _kv_axis(ax[1], online, "KV cache (online)")
+        _latency_axis(ax[2], online)
     if timelines:
-        _timeline_axes(grid[2][0], grid[2][1], online)
-        grid[2][2].axis("off")
+        ax = axes["timeline"]
+        _timeline_axes(ax[0], ax[1], online)
+        ax[2].axis("off")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
