@@ -28,6 +28,9 @@ class StepTrace:
         self._gc_t0 = 0.0
         self._last: dict[str, float] = {}
         self._flushed = time.monotonic()
+        # GC passes are queued, not written: a collection can start inside our own write
+        # (any allocation), and a buffered file raises on a reentrant write from one thread
+        self._gcs: list[dict[str, Any]] = []
         gc.callbacks.append(self._on_gc)
 
     @classmethod
@@ -36,20 +39,24 @@ class StepTrace:
         return cls(path + suffix) if path else None
 
     def _write(self, rec: dict[str, Any]) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-            if rec["t"] - self._flushed > 0.5:  # readers see the trace at most ~0.5 s behind
-                self._f.flush()
-                self._flushed = rec["t"]
+        if self._f is None:
+            return
+        recs = [rec]
+        while self._gcs:  # list.pop is atomic: a callback may append meanwhile
+            recs.append(self._gcs.pop(0))
+        self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+        if rec["t"] - self._flushed > 0.5:  # readers see the trace at most ~0.5 s behind
+            self._f.flush()
+            self._flushed = rec["t"]
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._gc_t0 = time.monotonic()
         else:
             t = time.monotonic()
-            self._write({"gc": info["generation"], "t": round(self._gc_t0, 6),
-                         "ms": round(1e3 * (t - self._gc_t0), 3),
-                         "collected": info["collected"]})  # fmt: skip
+            self._gcs.append({"gc": info["generation"], "t": round(self._gc_t0, 6),
+                              "ms": round(1e3 * (t - self._gc_t0), 3),
+                              "collected": info["collected"]})  # fmt: skip
 
     def step(self, t0: float, t1: float, stats: dict) -> None:
         """One engine step that ran from t0 to t1 (monotonic); `stats` = LLMEngine.stats()."""
@@ -75,11 +82,14 @@ class StepTrace:
 
     def flush(self) -> None:
         if self._f is not None:
+            if self._gcs:
+                self._write(self._gcs.pop(0))
             self._f.flush()
 
     def close(self) -> None:
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_gc)
+        self.flush()
         if self._f is not None:
             self._f.close()
             self._f = None
