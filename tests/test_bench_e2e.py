@@ -277,3 +277,29 @@ def test_step_trace_records_steps_gc_and_loop_stalls(tmp_path, monkeypatch):
     assert s["server_loop_stalls"] >= 1 and s["longest_server_stalls"][0]["loop_lag_ms"] > 30
     assert summarize_trace(path, t_from - 100, t_from - 50) is None  # nothing in that window
     assert summarize_trace(str(tmp_path / "none.jsonl"), 0, 1) is None
+
+
+def test_step_trace_gc_passes_reach_the_file_without_a_stall(tmp_path):
+    """The server's trace writes only on stalls; its watcher still writes (and flushes,
+    within ~0.5 s) the GC passes queued meanwhile."""
+    import asyncio
+    import gc
+    import json
+
+    from vtensor.engine.step_trace import StepTrace
+
+    path = tmp_path / "t.server"
+    tr = StepTrace(str(path))
+
+    async def run() -> None:
+        watch = asyncio.create_task(tr.watch_loop(threshold=10.0))  # no stall counts
+        await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0.7)  # past the flush interval
+        watch.cancel()
+
+    asyncio.run(run())
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # before close()
+    tr.close()
+    assert any(r.get("gc") == 2 for r in rows)
+    assert not any("loop_lag_ms" in r for r in rows)

@@ -40,6 +40,7 @@ import httpx
 
 from vtensor.bench.memory import MemorySampler
 from vtensor.bench.workloads import Workload
+from vtensor.engine.step_trace import loop_lags
 
 
 def free_port() -> int:
@@ -373,10 +374,8 @@ def _percentiles(xs: list[float], scale: float = 1000.0) -> dict:
 async def _watch_loop_lag(lag: list[float], period: float = 0.01) -> None:
     """How late the client's own event loop wakes a 10 ms sleeper: a busy client delays every
     stream it reads, so its TTFT / TPOT would be the client's, not the server's."""
-    while True:
-        t = time.perf_counter()
-        await asyncio.sleep(period)
-        lag.append(max(0.0, time.perf_counter() - t - period))
+    async for _, late in loop_lags(period):
+        lag.append(late)
 
 
 async def _run_client(

@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import IO, Any
 
 ENV = "VTENSOR_STEP_TRACE"
@@ -28,6 +29,7 @@ class StepTrace:
         self._gc_t0 = 0.0
         self._last: dict[str, float] = {}
         self._flushed = time.monotonic()
+        self._dirty = False  # written since the last flush
         # GC passes are queued, not written: a collection can start inside our own write
         # (any allocation), and a buffered file raises on a reentrant write from one thread
         self._gcs: list[dict[str, Any]] = []
@@ -38,16 +40,21 @@ class StepTrace:
         path = os.environ.get(ENV)
         return cls(path + suffix) if path else None
 
-    def _write(self, rec: dict[str, Any]) -> None:
+    def _write(self, rec: dict[str, Any] | None = None) -> None:
+        """Write `rec` (if any) and the GC passes queued since the last call; flush at most
+        every 0.5 s: readers see the trace at most ~0.5 s behind its last call."""
         if self._f is None:
             return
-        recs = [rec]
+        recs = [] if rec is None else [rec]
         while self._gcs:  # list.pop is atomic: a callback may append meanwhile
             recs.append(self._gcs.pop(0))
-        self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
-        if rec["t"] - self._flushed > 0.5:  # readers see the trace at most ~0.5 s behind
+        if recs:
+            self._f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+            self._dirty = True
+        now = time.monotonic()
+        if self._dirty and now - self._flushed > 0.5:
             self._f.flush()
-            self._flushed = rec["t"]
+            self._flushed, self._dirty = now, False
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -72,19 +79,17 @@ class StepTrace:
         })  # fmt: skip
 
     async def watch_loop(self, period: float = 0.005, threshold: float = 0.005) -> None:
-        """Record each time this event loop wakes a `period` sleeper over `threshold` late."""
-        while True:
-            t = time.monotonic()
-            await asyncio.sleep(period)
-            late = time.monotonic() - t - period
-            if late > threshold:
-                self._write({"loop_lag_ms": round(1e3 * late, 3), "t": round(t, 6)})
+        """Record each time this event loop wakes a `period` sleeper over `threshold` late;
+        every wake also writes the GC passes queued meanwhile."""
+        async for t, late in loop_lags(period):
+            rec = {"loop_lag_ms": round(1e3 * late, 3), "t": round(t, 6)}
+            self._write(rec if late > threshold else None)
 
     def flush(self) -> None:
         if self._f is not None:
-            if self._gcs:
-                self._write(self._gcs.pop(0))
+            self._write()
             self._f.flush()
+            self._flushed, self._dirty = time.monotonic(), False
 
     def close(self) -> None:
         with contextlib.suppress(ValueError):
@@ -93,3 +98,12 @@ class StepTrace:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+async def loop_lags(period: float) -> AsyncIterator[tuple[float, float]]:
+    """(when it slept, how late it woke) for a `period` sleeper on this event loop, for ever:
+    a busy loop delays everything it serves by that much."""
+    while True:
+        t = time.monotonic()
+        await asyncio.sleep(period)
+        yield t, max(0.0, time.monotonic() - t - period)
