@@ -232,7 +232,6 @@ def summarize_trace(path: str, t_from: float, t_to: float, top: int = 5) -> dict
     if not eng and not srv:
         return None
     steps = [r for r in eng if "ms" in r and "gc" not in r]
-    ms = sorted(r["ms"] for r in steps)
 
     def gcs(rs: list[dict]) -> dict:
         g = [r for r in rs if "gc" in r]
@@ -243,7 +242,7 @@ def summarize_trace(path: str, t_from: float, t_to: float, top: int = 5) -> dict
     lags = sorted((r for r in srv if "loop_lag_ms" in r), key=lambda r: -r["loop_lag_ms"])
     return {
         "steps": len(steps),
-        "step_ms": _percentiles([m / 1000 for m in ms]) if ms else {},
+        "step_ms": _percentiles([r["ms"] for r in steps], scale=1.0),  # {} without steps
         "longest_steps": sorted(steps, key=lambda r: -r["ms"])[:top],
         "gc_engine": gcs(eng),
         "gc_server": gcs(srv),
